@@ -1,0 +1,67 @@
+"""The command line: LightningCLI wired to the GPT module and the names data.
+
+``python -m microgpt fit --config configs/names.yaml`` (also ``validate``, ``test``, ``predict``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from microgpt.data import NamesDataModule
+from microgpt.errors import UserError
+from microgpt.module import MicroGPT
+
+# Noise from inside the installed Lightning, not about anything a user of microgpt can change.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+warnings.filterwarnings("ignore", message=r".*skip_none parameter was deprecated")
+
+
+class MicroGPTCLI(LightningCLI):
+    """LightningCLI with the context length shared by model and data, and the vocabulary linked from the data."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.block_size", "data.block_size", apply_on="parse")
+        parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        self.fit_started = time.perf_counter()
+
+    def after_fit(self) -> None:
+        """Score the held-out names with the final weights (unless that just happened), then print one summary line."""
+        trainer, model = self.trainer, self.model
+        if trainer.interrupted or model.last_train_loss is None:
+            return
+        val_loss = trainer.callback_metrics.get("val/loss")
+        if trainer.limit_val_batches and (val_loss is None or getattr(model, "val_step", None) != trainer.global_step):
+            trainer.validate(model, datamodule=self.datamodule, verbose=False)
+            val_loss = trainer.callback_metrics.get("val/loss")
+        seconds = time.perf_counter() - self.fit_started
+        val = f"{float(val_loss):.4f}" if val_loss is not None else "n/a"
+        rank_zero_info(
+            f"final: step {trainer.global_step} | train loss {float(model.last_train_loss):.4f} "
+            f"| val loss {val} | {seconds:.1f} s"
+        )
+
+
+def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
+    """Run the command line; a ``UserError`` becomes one line on stderr and exit status 2."""
+    try:
+        return MicroGPTCLI(
+            MicroGPT,
+            NamesDataModule,
+            args=args,
+            run=run,
+            parser_kwargs={"prog": "microgpt"},
+            save_config_kwargs={"overwrite": True},
+        )
+    except UserError as err:
+        if os.environ.get("MICROGPT_DEBUG"):
+            raise
+        print(f"microgpt: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

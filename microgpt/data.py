@@ -1,0 +1,303 @@
+"""The names data: reading a file of names, the character tokenizer, and the LightningDataModule.
+
+A name becomes ``[BOS] + characters + [BOS]`` cut to ``block_size + 1`` tokens; the model reads
+the first ``n`` of them and predicts the last ``n``. All names are tokenized once into padded
+tensors, and batches are cut from those tensors by indexing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import tempfile
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterator
+from functools import cached_property
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from microgpt.errors import UserError
+
+NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
+NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
+DEFAULT_PATH = "data/names.txt"
+IGNORE_INDEX = -100  # target value of padded positions; F.cross_entropy skips it
+
+# Our iterable datasets are read in the main process only, so Lightning's caution about
+# ``__len__`` with several loader workers does not apply.
+warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
+
+
+class CharTokenizer:
+    """Maps characters to ids ``0..len(chars)-1``; id ``len(chars)`` is BOS, which starts and ends every name."""
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.bos = len(chars)
+        self.vocab_size = len(chars) + 1
+        self._ids = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_names(cls, names: list[str]) -> CharTokenizer:
+        """The vocabulary of ``names``: their characters, sorted."""
+        return cls("".join(sorted(set("".join(names)))))
+
+    def unknown(self, text: str) -> list[str]:
+        """The characters of ``text`` outside the vocabulary, in order of first appearance."""
+        return list(dict.fromkeys(c for c in text if c not in self._ids))
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of the characters of ``text`` (no BOS added)."""
+        missing = self.unknown(text)
+        if missing:
+            raise UserError(f"characters not in the model's vocabulary: {''.join(missing)!r}.")
+        return [self._ids[c] for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of ``ids``; BOS is dropped."""
+        return "".join(self.chars[i] for i in ids if i != self.bos)
+
+
+def download_names(dest: Path, url: str = NAMES_URL, sha256: str = NAMES_SHA256) -> None:
+    """Download the names file to ``dest``, verify its sha256, and move it into place atomically."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            payload = response.read()
+    except OSError as err:
+        raise UserError(
+            f"could not download {url} ({err}); put a names file at {dest} or pass --data.path FILE."
+        ) from None
+    if hashlib.sha256(payload).hexdigest() != sha256:
+        raise UserError(f"the file downloaded from {url} does not have the expected sha256; nothing was saved.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_names(path: str | os.PathLike) -> list[str]:
+    """The names in a UTF-8 text file, one per line, surrounding whitespace stripped, blank lines dropped."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file.")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a file of names.")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{path}: line {line} is not valid UTF-8.") from None
+    names = [stripped for line in text.splitlines() if (stripped := line.strip())]
+    if not names:
+        raise UserError(f"{path}: contains no names (the file is empty or only blank lines).")
+    return names
+
+
+def encode_names(names: list[str], tokenizer: CharTokenizer, block_size: int) -> dict[str, torch.Tensor]:
+    """Tokenize ``names`` into padded tensors.
+
+    Returns ``inputs`` and ``targets`` of shape ``(N, block_size)`` (inputs padded with BOS, targets
+    with ``IGNORE_INDEX``) and ``lengths`` (N,), the number of predicted positions of each name.
+    """
+    bos = tokenizer.bos
+    seqs = [[bos, *tokenizer.encode(name)[:block_size], bos][: block_size + 1] for name in names]
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    flat = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(seqs)), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    cols = torch.arange(len(flat)) - torch.repeat_interleave(starts, lengths)
+    tokens = torch.full((len(seqs), block_size + 1), IGNORE_INDEX, dtype=torch.long)
+    tokens[rows, cols] = flat
+    inputs = tokens[:, :-1].clone()
+    inputs[inputs == IGNORE_INDEX] = bos
+    return {"inputs": inputs, "targets": tokens[:, 1:].clone(), "lengths": lengths - 1}
+
+
+def take(encoded: dict[str, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (inputs, targets) batch of the names at ``idx``, trimmed to the batch's longest name."""
+    T = int(encoded["lengths"][idx].max())
+    return encoded["inputs"][idx, :T], encoded["targets"][idx, :T]
+
+
+class TrainBatches(IterableDataset):
+    """An endless stream of names in a fixed order, cut into numbered global batches.
+
+    Global batch ``k`` holds stream positions ``k*B .. k*B+B-1``; position ``p`` is name ``p % N``
+    of pass ``p // N`` over the names (every pass in the given order, or reshuffled per pass when
+    ``shuffle`` is set). A process of rank ``r`` out of ``W`` gets the ``r``-th of ``W`` equal
+    slices of every global batch. Each iteration yields the global batches ``window()`` returns.
+    """
+
+    def __init__(self, encoded: dict[str, torch.Tensor], batch_size: int, window: Callable[[], range],
+                 shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.encoded = encoded
+        self.num_names = len(encoded["lengths"])
+        self.batch_size = batch_size
+        self.window = window
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = math.ceil(self.num_names / batch_size)
+
+    def __len__(self) -> int:
+        return len(self.window())
+
+    def positions(self, k: int) -> torch.Tensor:
+        """The name indices of this process's slice of global batch ``k``."""
+        per_rank = self.batch_size // self.world_size
+        p = k * self.batch_size + self.rank * per_rank + torch.arange(per_rank)
+        idx = p % self.num_names
+        if self.shuffle:
+            passes = p // self.num_names
+            for n in passes.unique().tolist():
+                idx[passes == n] = self.permutation(n)[idx[passes == n]]
+        return idx
+
+    def permutation(self, n: int) -> torch.Tensor:
+        """The order of pass ``n`` over the names when shuffling (the latest one is cached)."""
+        if getattr(self, "_cached", (None,))[0] != n:
+            generator = torch.Generator().manual_seed(self.seed + n)
+            self._cached = (n, torch.randperm(self.num_names, generator=generator))
+        return self._cached[1]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for k in self.window():
+            yield take(self.encoded, self.positions(k))
+
+
+class EvalBatches(IterableDataset):
+    """Every name once, in batches; a process of rank ``r`` out of ``W`` scores names ``r, r+W, ...``."""
+
+    def __init__(self, encoded: dict[str, torch.Tensor], batch_size: int, rank: int = 0, world_size: int = 1):
+        self.encoded = encoded
+        self.indices = torch.arange(rank, len(encoded["lengths"]), world_size)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx in self.indices.split(self.batch_size):
+            yield take(self.encoded, idx)
+
+
+class NamesDataModule(L.LightningDataModule):
+    """Names, one per line, split into training and held-out validation names.
+
+    Args:
+        path: UTF-8 text file with one name per line; the default is makemore's names.txt, downloaded when missing.
+        block_size: Context length; set it with --model.block_size, which is linked here.
+        batch_size: Names per optimizer step, summed over all devices.
+        val_size: Number of names held out for validation: the last ones after the seeded shuffle.
+        seed: Seed of the one-time shuffle that fixes the split and the training order.
+        eval_batch_size: Names per batch when scoring held-out names.
+    """
+
+    def __init__(
+        self,
+        path: str = DEFAULT_PATH,
+        block_size: int = 8,
+        batch_size: int = 1,
+        val_size: int = 1000,
+        seed: int = 42,
+        eval_batch_size: int = 500,
+    ):
+        super().__init__()
+        for name, value in [("block_size", block_size), ("batch_size", batch_size),
+                            ("eval_batch_size", eval_batch_size)]:
+            if value < 1:
+                raise UserError(f"--data.{name} must be a positive integer, got {value}.")
+        if val_size < 0:
+            raise UserError(f"--data.val_size must be zero or more, got {val_size}.")
+        self.save_hyperparameters()
+        self.path = path
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.val_size = val_size
+        self.seed = seed
+        self.eval_batch_size = eval_batch_size
+
+    def prepare_data(self) -> None:
+        """Download the default names file when it is missing."""
+        if self.path == DEFAULT_PATH and not Path(self.path).exists():
+            download_names(Path(self.path))
+
+    @cached_property
+    def names(self) -> list[str]:
+        """All names, after the seeded shuffle: training names first, the last ``val_size`` held out."""
+        self.prepare_data()
+        names = read_names(self.path)
+        if self.val_size >= len(names):
+            raise UserError(
+                f"{self.path}: --data.val_size {self.val_size} leaves no training names "
+                f"(the file has {len(names)})."
+            )
+        random.Random(self.seed).shuffle(names)
+        return names
+
+    @cached_property
+    def tokenizer(self) -> CharTokenizer:
+        """The character vocabulary of the whole file."""
+        return CharTokenizer.from_names(self.names)
+
+    @property
+    def vocab(self) -> str:
+        """The vocabulary's characters in id order (linked to the model)."""
+        return self.tokenizer.chars
+
+    @property
+    def train_names(self) -> list[str]:
+        return self.names[: len(self.names) - self.val_size]
+
+    @property
+    def val_names(self) -> list[str]:
+        return self.names[len(self.names) - self.val_size :]
+
+    def setup(self, stage: str) -> None:
+        self.rank, self.world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        if stage == "fit" and self.batch_size % self.world_size:
+            raise UserError(
+                f"--data.batch_size {self.batch_size} cannot be split evenly over {self.world_size} processes."
+            )
+        if not hasattr(self, "train_encoded"):
+            self.train_encoded = encode_names(self.train_names, self.tokenizer, self.block_size)
+            self.val_encoded = encode_names(self.val_names, self.tokenizer, self.block_size)
+
+    def loader(self, batches: IterableDataset) -> DataLoader:
+        """A loader of ready-made batches, with a private generator so that iterating never draws
+        from torch's global random state (which dropout and sampling use)."""
+        return DataLoader(batches, batch_size=None, generator=torch.Generator().manual_seed(self.seed))
+
+    def epoch_window(self) -> range:
+        """The global batches of the current epoch that are still to be trained on."""
+        per_epoch = math.ceil(len(self.train_names) / self.batch_size)
+        trainer = self.trainer
+        if trainer is None:
+            return range(per_epoch)
+        done = trainer.global_step * trainer.accumulate_grad_batches
+        return range(done, (trainer.current_epoch + 1) * per_epoch)
+
+    def train_dataloader(self) -> DataLoader:
+        batches = TrainBatches(self.train_encoded, self.batch_size, self.epoch_window,
+                               rank=self.rank, world_size=self.world_size)
+        return self.loader(batches)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(EvalBatches(self.val_encoded, self.eval_batch_size, self.rank, self.world_size))
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,121 @@
+"""The LightningModule: the GPT plus its loss, metrics, optimizer and learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+
+from microgpt.data import IGNORE_INDEX, CharTokenizer
+from microgpt.model import GPT
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warmup, then cosine decay.
+
+    Warmup ramps ``(step + 1) / warmup_steps`` so the first step never has lr 0; the cosine part
+    goes from 1 at ``warmup_steps`` towards ``min_lr_ratio`` at ``total_steps``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return min_lr_ratio + (1 - min_lr_ratio) * cosine
+
+
+class MicroGPT(L.LightningModule):
+    """A character-level GPT trained to predict the next character of a name.
+
+    Args:
+        vocab: The vocabulary's characters in id order; linked from the data module.
+        n_embd: Width of the residual stream.
+        n_head: Number of attention heads; must divide n_embd.
+        n_layer: Number of transformer blocks.
+        block_size: Context length, shared with the data module.
+        dropout: Dropout probability during training.
+        lr: Peak learning rate.
+        betas: Adam's beta1 and beta2.
+        eps: Adam's epsilon.
+        weight_decay: AdamW weight decay, applied to the weight matrices of the linear layers only.
+        warmup_steps: Optimizer steps of linear warmup before the cosine decay.
+        min_lr: The learning rate the cosine decay ends at.
+    """
+
+    def __init__(
+        self,
+        vocab: str,
+        n_embd: int = 16,
+        n_head: int = 4,
+        n_layer: int = 1,
+        block_size: int = 8,
+        dropout: float = 0.0,
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr: float = 0.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = CharTokenizer(vocab)
+        self.gpt = GPT(self.tokenizer.vocab_size, n_embd, n_head, n_layer, block_size, dropout)
+        self.val_nll = MeanMetric()
+        self.test_nll = MeanMetric()
+        self.last_train_loss: torch.Tensor | None = None
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.gpt(idx)
+
+    def token_nll(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Negative log-likelihood of every real (non-padded) target token in the batch."""
+        inputs, targets = batch
+        logits = self.gpt(inputs)
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+        return nll[targets.flatten() != IGNORE_INDEX]
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        logits = self.gpt(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        self.last_train_loss = loss.detach()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.val_nll.update(self.token_nll(batch))
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.test_nll.update(self.token_nll(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_split("val", self.val_nll)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_split("test", self.test_nll)
+
+    def log_split(self, split: str, nll: MeanMetric) -> None:
+        """Log the mean NLL per character of a split (synced over processes), with perplexity and bits per character."""
+        loss = nll.compute()
+        nll.reset()
+        self.log_dict({f"{split}/loss": loss, f"{split}/ppl": loss.exp(), f"{split}/bpc": loss / math.log(2)},
+                      prog_bar=split == "val")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        embeddings = {id(m.weight) for m in self.gpt.modules() if isinstance(m, nn.Embedding)}
+        decay = [p for p in self.gpt.parameters() if p.dim() >= 2 and id(p) not in embeddings]
+        no_decay = [p for p in self.gpt.parameters() if p.dim() < 2 or id(p) in embeddings]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, total, hp.warmup_steps, hp.min_lr / hp.lr)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

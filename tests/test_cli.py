@@ -1,0 +1,104 @@
+"""The command line, driven as a user drives it."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from microgpt.cli import main
+from microgpt.module import MicroGPT
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "names.yaml")
+
+
+def microgpt(*args, cwd=None):
+    """Run ``python -m microgpt ARGS`` in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "microgpt", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One short run of the seed recipe on a tiny file, through the real command line."""
+    tmp = tmp_path_factory.mktemp("fit")
+    names = tmp / "names.txt"
+    names.write_text("\n".join(["anna", "bob", "carla", "dave", "eve", "fiona", "greg", "hana", "ivan", "julia"]))
+    result = microgpt("fit", "--config", CONFIG, "--data.path", names, "--data.val_size", 3,
+                      "--trainer.max_steps", 7, "--trainer.default_root_dir", tmp / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp, names, result
+
+
+def test_fit_prints_samples_and_summary(fitted):
+    _, _, result = fitted
+    samples = re.findall(r"^sample +(\d+): (.*)$", result.stdout, flags=re.M)
+    assert [int(i) for i, _ in samples] == list(range(1, 21))
+    assert all(set(name) <= set("abcdefghijklnortuv") for _, name in samples)
+    summary = re.findall(r"^final: step (\d+) \| train loss (\d+\.\d{4}) \| val loss (\d+\.\d{4}) \| ([\d.]+) s$",
+                         result.stdout + result.stderr, flags=re.M)
+    assert len(summary) == 1 and summary[0][0] == "7"
+
+
+def test_fit_writes_checkpoints_config_and_samples(fitted):
+    tmp, _, result = fitted
+    version = tmp / "run" / "lightning_logs" / "version_0"
+    assert (version / "checkpoints" / "last.ckpt").is_file()
+    assert (version / "config.yaml").is_file()
+    saved = (version / "samples.txt").read_text().splitlines()
+    printed = re.findall(r"^sample +\d+: (.*)$", result.stdout, flags=re.M)
+    assert saved == printed
+
+
+def test_checkpoint_alone_rebuilds_model_and_vocabulary(fitted):
+    tmp, names, _ = fitted
+    ckpt = tmp / "run" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    model = MicroGPT.load_from_checkpoint(ckpt, map_location="cpu")
+    assert model.tokenizer.chars == "".join(sorted(set(names.read_text().replace("\n", ""))))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+    assert state["gpt.blocks.0.attn.o.weight"].abs().sum() > 0  # it was trained
+
+
+def test_validate_and_test_report_the_held_out_loss(fitted, capsys):
+    tmp, names, _ = fitted
+    ckpt = tmp / "run" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    common = ["--config", CONFIG, "--data.path", str(names), "--data.val_size", "3", "--ckpt_path", str(ckpt),
+              "--trainer.default_root_dir", str(tmp / "eval"), "--trainer.logger", "false"]
+    val = main(["validate", *common]).trainer.callback_metrics["val/loss"]
+    test = main(["test", *common]).trainer.callback_metrics["test/loss"]
+    assert float(val) == pytest.approx(float(test))
+    assert 0 < float(val) < 10
+
+
+def test_block_size_is_one_setting_and_vocab_is_linked(tiny_names, tmp_path):
+    cli = main(["--config", CONFIG, "--data.path", str(tiny_names), "--data.val_size", "2",
+                "--model.block_size", "4", "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert cli.model.gpt.block_size == 4 and cli.datamodule.block_size == 4
+    assert cli.model.tokenizer.chars == cli.datamodule.vocab
+    assert cli.model.hparams.vocab == cli.datamodule.vocab
+
+
+def test_print_config_shows_the_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONFIG, "--print_config"])
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["trainer"]["max_steps"] == 500
+    assert config["model"]["n_embd"] == 16 and config["model"]["block_size"] == 8
+    assert "block_size" not in config["data"]  # linked from --model.block_size
+
+
+def test_missing_data_file_is_one_line_and_exit_code_2(tmp_path):
+    result = microgpt("fit", "--config", CONFIG, "--data.path", tmp_path / "nope.txt",
+                      "--trainer.default_root_dir", tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"microgpt: error: {tmp_path / 'nope.txt'}: no such file."
+    assert "Traceback" not in result.stderr
