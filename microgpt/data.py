@@ -202,7 +202,10 @@ class NamesDataModule(L.LightningDataModule):
         path: UTF-8 text file with one name per line; the default is makemore's names.txt, downloaded when missing.
         block_size: Context length; set it with --model.block_size, which is linked here.
         batch_size: Names per optimizer step, summed over all devices.
-        val_size: Number of names held out for validation: the last ones after the seeded shuffle.
+        val_size: Number of names held out for validation: the last ones after the seeded shuffle (before any test names).
+        test_size: Number of names held out for testing, the very last ones; 0 tests on the validation names.
+        test_path: A separate file of names to test on instead of the held-out split.
+        shuffle: Reshuffle the training names at every pass instead of keeping the seed's order.
         seed: Seed of the one-time shuffle that fixes the split and the training order.
         eval_batch_size: Names per batch when scoring held-out names.
     """
@@ -213,6 +216,9 @@ class NamesDataModule(L.LightningDataModule):
         block_size: int = 8,
         batch_size: int = 1,
         val_size: int = 1000,
+        test_size: int = 0,
+        test_path: str | None = None,
+        shuffle: bool = False,
         seed: int = 42,
         eval_batch_size: int = 500,
     ):
@@ -221,13 +227,17 @@ class NamesDataModule(L.LightningDataModule):
                             ("eval_batch_size", eval_batch_size)]:
             if value < 1:
                 raise UserError(f"--data.{name} must be a positive integer, got {value}.")
-        if val_size < 0:
-            raise UserError(f"--data.val_size must be zero or more, got {val_size}.")
+        for name, value in [("val_size", val_size), ("test_size", test_size)]:
+            if value < 0:
+                raise UserError(f"--data.{name} must be zero or more, got {value}.")
         self.save_hyperparameters()
         self.path = path
         self.block_size = block_size
         self.batch_size = batch_size
         self.val_size = val_size
+        self.test_size = test_size
+        self.test_path = test_path
+        self.shuffle = shuffle
         self.seed = seed
         self.eval_batch_size = eval_batch_size
 
@@ -238,13 +248,13 @@ class NamesDataModule(L.LightningDataModule):
 
     @cached_property
     def names(self) -> list[str]:
-        """All names, after the seeded shuffle: training names first, the last ``val_size`` held out."""
+        """All names after the seeded shuffle: training, then ``val_size`` validation, then ``test_size`` test names."""
         self.prepare_data()
         names = read_names(self.path)
-        if self.val_size >= len(names):
+        if self.val_size + self.test_size >= len(names):
             raise UserError(
-                f"{self.path}: --data.val_size {self.val_size} leaves no training names "
-                f"(the file has {len(names)})."
+                f"{self.path}: --data.val_size {self.val_size} and --data.test_size {self.test_size} leave no "
+                f"training names (the file has {len(names)})."
             )
         random.Random(self.seed).shuffle(names)
         return names
@@ -261,21 +271,44 @@ class NamesDataModule(L.LightningDataModule):
 
     @property
     def train_names(self) -> list[str]:
-        return self.names[: len(self.names) - self.val_size]
+        return self.names[: len(self.names) - self.val_size - self.test_size]
 
     @property
     def val_names(self) -> list[str]:
-        return self.names[len(self.names) - self.val_size :]
+        end = len(self.names) - self.test_size
+        return self.names[end - self.val_size : end]
+
+    @property
+    def test_names(self) -> list[str]:
+        return self.names[len(self.names) - self.test_size :] if self.test_size else self.val_names
 
     def setup(self, stage: str) -> None:
-        self.rank, self.world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        trainer = self.trainer
+        self.rank, self.world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         if stage == "fit" and self.batch_size % self.world_size:
             raise UserError(
                 f"--data.batch_size {self.batch_size} cannot be split evenly over {self.world_size} processes."
             )
-        if not hasattr(self, "train_encoded"):
-            self.train_encoded = encode_names(self.train_names, self.tokenizer, self.block_size)
-            self.val_encoded = encode_names(self.val_names, self.tokenizer, self.block_size)
+        # evaluate with the model's own vocabulary: a checkpoint's may differ from this file's
+        model = trainer.lightning_module if trainer else None
+        tokenizer = getattr(model, "tokenizer", self.tokenizer)
+        if stage == "fit":
+            self.train_encoded = self.encode(self.train_names, tokenizer, str(self.path))
+        if stage in ("fit", "validate"):
+            self.val_encoded = self.encode(self.val_names, tokenizer, str(self.path))
+        if stage == "test":
+            names, source = (read_names(self.test_path), self.test_path) if self.test_path else (self.test_names, self.path)
+            self.test_encoded = self.encode(names, tokenizer, str(source))
+
+    def encode(self, names: list[str], tokenizer: CharTokenizer, source: str) -> dict[str, torch.Tensor]:
+        """Tokenize names, refusing characters outside the vocabulary with one sentence naming them."""
+        unknown = tokenizer.unknown("".join(names))
+        if unknown:
+            raise UserError(
+                f"{source}: characters outside the model's vocabulary: {''.join(unknown)!r} "
+                f"(the model knows {tokenizer.chars!r})."
+            )
+        return encode_names(names, tokenizer, self.block_size)
 
     def loader(self, batches: IterableDataset) -> DataLoader:
         """A loader of ready-made batches, with a private generator so that iterating never draws
@@ -292,12 +325,12 @@ class NamesDataModule(L.LightningDataModule):
         return range(done, (trainer.current_epoch + 1) * per_epoch)
 
     def train_dataloader(self) -> DataLoader:
-        batches = TrainBatches(self.train_encoded, self.batch_size, self.epoch_window,
-                               rank=self.rank, world_size=self.world_size)
+        batches = TrainBatches(self.train_encoded, self.batch_size, self.epoch_window, shuffle=self.shuffle,
+                               seed=self.seed, rank=self.rank, world_size=self.world_size)
         return self.loader(batches)
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(EvalBatches(self.val_encoded, self.eval_batch_size, self.rank, self.world_size))
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return self.loader(EvalBatches(self.test_encoded, self.eval_batch_size, self.rank, self.world_size))
