@@ -5,7 +5,7 @@
 
 import importlib
 
-_EXPORTS = {"GPT": "model", "CharTokenizer": "data", "NamesDataModule": "data", "MicroGPT": "module"}
+_EXPORTS = {"GPT": "model", "CharTokenizer": "tokenizer", "NamesDataModule": "data", "MicroGPT": "module"}
 __all__ = list(_EXPORTS)
 
 

@@ -1,55 +1,123 @@
-"""Callbacks: inventing names with the model at the end of training."""
+"""Callbacks: inventing names with the model during and at the end of training, and writing predictions."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 
 from microgpt.errors import UserError
 
 
+def novelty(names: list[str], train_names: set[str], held_out_names: set[str]) -> dict[str, float]:
+    """Shares of ``names`` that are training names, held-out names (and not training ones), or new."""
+    n = len(names)
+    in_train = sum(name in train_names for name in names)
+    in_held_out = sum(name in held_out_names and name not in train_names for name in names)
+    return {"train": in_train / n, "held_out": in_held_out / n, "new": (n - in_train - in_held_out) / n}
+
+
 class SampleNames(L.Callback):
-    """Invent names with the trained model when training ends: print them, save them, log them.
+    """Invent names with the model: at the end of training (printed, saved to samples.txt, logged), and
+    every ``every_n_steps`` optimizer steps during training when set (logged). Only global rank 0 samples.
 
     Args:
-        num_samples: How many names to generate.
-        temperature: Softmax temperature; lower is more conservative. Must be positive.
+        num_samples: How many names to generate each time.
+        temperature: Softmax temperature, positive; lower is more conservative.
+        top_k: Draw only among the k most likely characters; all when unset.
+        prefix: Every name starts with these characters.
+        every_n_steps: Also sample every this many optimizer steps during training; 0 turns it off.
+        seed: Seed of the names' random draws. Unset, the end-of-training names continue torch's global
+            random state, as the seed script does; rounds during training always use their own generator
+            (seeded with seed + step), so watching never changes the training.
     """
 
-    def __init__(self, num_samples: int = 20, temperature: float = 0.5):
+    def __init__(self, num_samples: int = 20, temperature: float = 0.5, top_k: int | None = None, prefix: str = "",
+                 every_n_steps: int = 0, seed: int | None = None):
         if num_samples < 1:
             raise UserError(f"num_samples must be a positive integer, got {num_samples}.")
         if not temperature > 0:
             raise UserError(f"temperature must be positive, got {temperature}.")
+        if top_k is not None and top_k < 1:
+            raise UserError(f"top_k must be a positive integer, got {top_k}.")
+        if every_n_steps < 0:
+            raise UserError(f"every_n_steps must be zero or more, got {every_n_steps}.")
         self.num_samples = num_samples
         self.temperature = temperature
+        self.top_k = top_k
+        self.prefix = prefix
+        self.every_n_steps = every_n_steps
+        self.seed = seed
+
+    def sample(self, pl_module: L.LightningModule, generator: torch.Generator | None) -> list[str]:
+        return pl_module.sample(self.num_samples, self.temperature, self.top_k, self.prefix, generator)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            generator = torch.Generator(pl_module.device).manual_seed((self.seed or 0) + step)
+            log_samples(trainer, self.sample(pl_module, generator), step)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.sample(trainer, pl_module)
-
-    @rank_zero_only
-    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
-        """Generate, print, save to ``samples.txt`` in the log directory, and log to every logger."""
-        was_training = pl_module.training
-        pl_module.eval()
-        tokenizer = pl_module.tokenizer
-        ids = pl_module.gpt.generate(tokenizer.bos, self.num_samples, self.temperature)
-        pl_module.train(was_training)
-        names = [tokenizer.decode(s) for s in ids]
-        lines = [f"sample {i:2d}: {name}" for i, name in enumerate(names, 1)]
-        print("\n".join(lines))
+        if not trainer.is_global_zero:
+            return
+        generator = None if self.seed is None else torch.Generator(pl_module.device).manual_seed(self.seed)
+        names = self.sample(pl_module, generator)
+        print("\n".join(f"sample {i:2d}: {name}" for i, name in enumerate(names, 1)))
         if trainer.log_dir is not None:
             path = Path(trainer.log_dir) / "samples.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("\n".join(names) + "\n", encoding="utf-8")
-        for logger in trainer.loggers:
-            text = "\n".join(names)
-            if hasattr(logger, "log_text"):
-                logger.log_text(key="samples", dataframe=None, columns=["name"], data=[[n] for n in names],
-                                step=trainer.global_step)
-            elif hasattr(logger.experiment, "add_text"):
-                logger.experiment.add_text("samples", text, trainer.global_step)
-        return names
+        log_samples(trainer, names, trainer.global_step)
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "train_names"):
+            shares = novelty(names, set(datamodule.train_names),
+                             set(datamodule.val_names) | set(datamodule.test_names))
+            print(f"samples: {shares['new']:.0%} new, {shares['train']:.0%} training names, "
+                  f"{shares['held_out']:.0%} held-out names")
+            for logger in trainer.loggers:
+                logger.log_metrics({f"samples/{k}": v for k, v in shares.items()}, step=trainer.global_step)
+
+
+def log_samples(trainer: L.Trainer, names: list[str], step: int) -> None:
+    """Record a round of names with every logger: TensorBoard text, a ``samples.csv`` beside a CSV log, or ``log_text``."""
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_text"):
+            logger.log_text(key="samples", columns=["step", "name"], data=[[step, n] for n in names], step=step)
+        elif hasattr(logger.experiment, "add_text"):
+            logger.experiment.add_text("samples", "\n\n".join(names), step)
+        elif getattr(logger, "log_dir", None):
+            path = Path(logger.log_dir) / "samples.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            new_file = not path.exists()
+            with path.open("a", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                if new_file:
+                    writer.writerow(["step", "name"])
+                writer.writerows([step, n] for n in names)
+
+
+class WriteNames(BasePredictionWriter):
+    """Write the names made by ``predict``, one per line.
+
+    Args:
+        output: File to write; a relative path is taken inside the run's log directory.
+    """
+
+    def __init__(self, output: str = "predictions.txt"):
+        super().__init__(write_interval="epoch")
+        self.output = output
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        names = [name for batch in predictions for name in batch]
+        path = Path(self.output)
+        if not path.is_absolute():
+            path = Path(trainer.log_dir or ".") / path
+        if trainer.world_size > 1:  # every process writes the names it made
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+        print(f"wrote {len(names)} names to {path}")

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from microgpt.errors import UserError
+from microgpt.tokenizer import CharTokenizer
 
 NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
 NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
@@ -32,36 +33,6 @@ IGNORE_INDEX = -100  # target value of padded positions; F.cross_entropy skips i
 # Our iterable datasets are read in the main process only, so Lightning's caution about
 # ``__len__`` with several loader workers does not apply.
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
-
-
-class CharTokenizer:
-    """Maps characters to ids ``0..len(chars)-1``; id ``len(chars)`` is BOS, which starts and ends every name."""
-
-    def __init__(self, chars: str):
-        self.chars = chars
-        self.bos = len(chars)
-        self.vocab_size = len(chars) + 1
-        self._ids = {c: i for i, c in enumerate(chars)}
-
-    @classmethod
-    def from_names(cls, names: list[str]) -> CharTokenizer:
-        """The vocabulary of ``names``: their characters, sorted."""
-        return cls("".join(sorted(set("".join(names)))))
-
-    def unknown(self, text: str) -> list[str]:
-        """The characters of ``text`` outside the vocabulary, in order of first appearance."""
-        return list(dict.fromkeys(c for c in text if c not in self._ids))
-
-    def encode(self, text: str) -> list[int]:
-        """The ids of the characters of ``text`` (no BOS added)."""
-        missing = self.unknown(text)
-        if missing:
-            raise UserError(f"characters not in the model's vocabulary: {''.join(missing)!r}.")
-        return [self._ids[c] for c in text]
-
-    def decode(self, ids: list[int]) -> str:
-        """The text of ``ids``; BOS is dropped."""
-        return "".join(self.chars[i] for i in ids if i != self.bos)
 
 
 def download_names(dest: Path, url: str = NAMES_URL, sha256: str = NAMES_SHA256) -> None:
@@ -206,6 +177,10 @@ class NamesDataModule(L.LightningDataModule):
         test_size: Number of names held out for testing, the very last ones; 0 tests on the validation names.
         test_path: A separate file of names to test on instead of the held-out split.
         shuffle: Reshuffle the training names at every pass instead of keeping the seed's order.
+        predict_size: How many names the predict command invents.
+        predict_prefix: Names invented by predict start with these characters.
+        predict_temperature: Softmax temperature of predict's draws, positive.
+        predict_top_k: Predict draws only among the k most likely characters; all when unset.
         seed: Seed of the one-time shuffle that fixes the split and the training order.
         eval_batch_size: Names per batch when scoring held-out names.
     """
@@ -219,6 +194,10 @@ class NamesDataModule(L.LightningDataModule):
         test_size: int = 0,
         test_path: str | None = None,
         shuffle: bool = False,
+        predict_size: int = 20,
+        predict_prefix: str = "",
+        predict_temperature: float = 0.5,
+        predict_top_k: int | None = None,
         seed: int = 42,
         eval_batch_size: int = 500,
     ):
@@ -238,6 +217,8 @@ class NamesDataModule(L.LightningDataModule):
         self.test_size = test_size
         self.test_path = test_path
         self.shuffle = shuffle
+        self.predict_request = {"prefix": predict_prefix, "temperature": predict_temperature, "top_k": predict_top_k}
+        self.predict_size = predict_size
         self.seed = seed
         self.eval_batch_size = eval_batch_size
 
@@ -331,6 +312,12 @@ class NamesDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(EvalBatches(self.val_encoded, self.eval_batch_size, self.rank, self.world_size))
+
+    def predict_dataloader(self) -> DataLoader:
+        """Sampling requests: ``predict_size`` names in chunks of ``eval_batch_size``."""
+        step = self.eval_batch_size
+        counts = [min(step, self.predict_size - i) for i in range(0, self.predict_size, step)]
+        return DataLoader([{**self.predict_request, "count": n} for n in counts], batch_size=None)
 
     def test_dataloader(self) -> DataLoader:
         return self.loader(EvalBatches(self.test_encoded, self.eval_batch_size, self.rank, self.world_size))

@@ -8,6 +8,8 @@ anywhere. Nothing in this file depends on Lightning.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,14 @@ RMS_EPS = 1e-5
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """Scale each vector to unit root-mean-square (no learnable gain)."""
     return F.rms_norm(x, (x.size(-1),), eps=RMS_EPS)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the positions seen so far, for one attention layer: (B, n_head, block_size, head_size)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
 
 
 class CausalSelfAttention(nn.Module):
@@ -37,11 +47,20 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """Attend causally; with a ``cache``, ``x`` holds positions ``start..start+T-1`` and the
+        cache supplies the earlier ones (either ``start == 0`` or one new position at a time)."""
         B, T, C = x.shape
         q, k, v = self.split_heads(self.q(x)), self.split_heads(self.k(x)), self.split_heads(self.v(x))
+        if cache is not None:
+            cache.k[:, :, start : start + T] = k
+            cache.v[:, :, start : start + T] = v
+            k, v = cache.k[:, :, : start + T], cache.v[:, :, : start + T]
+        if start > 0 and T > 1:
+            raise ValueError("with a cache, pass either the positions from 0 or one new position.")
+        # a single new position sees every cached one; from position 0 the mask is the causal triangle
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=start == 0, dropout_p=self.dropout if self.training else 0.0
         )
         return self.o(y.transpose(1, 2).reshape(B, T, C))
 
@@ -67,8 +86,8 @@ class Block(nn.Module):
         self.mlp = MLP(n_embd)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(rms_norm(x)))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(rms_norm(x), cache, start))
         return x + self.drop(self.mlp(rms_norm(x)))
 
 
@@ -120,39 +139,73 @@ class GPT(nn.Module):
             block.attn.o.weight.zero_()
             block.mlp.fc2.weight.zero_()
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Map token ids (B, T) with T <= block_size to next-token logits (B, T, vocab_size)."""
+    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
+        """Map token ids (B, T) at positions ``start..start+T-1`` (within block_size) to next-token
+        logits (B, T, vocab_size). ``caches`` (one per block, from ``new_caches``) keep keys and values
+        so that later calls need only pass the new positions."""
         T = idx.size(1)
-        if T > self.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}.")
-        pos = torch.arange(T, device=idx.device)
+        if start + T > self.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds block_size {self.block_size}.")
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(rms_norm(self.wte(idx) + self.wpe(pos)))
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, caches[i] if caches is not None else None, start)
         return self.lm_head(x)
+
+    def new_caches(self, batch_size: int) -> list[KVCache]:
+        """Empty key/value caches for ``batch_size`` sequences, one per block."""
+        attn = self.blocks[0].attn
+        shape = (batch_size, attn.n_head, self.block_size, self.wte.embedding_dim // attn.n_head)
+        like = self.wte.weight
+        return [KVCache(like.new_empty(shape), like.new_empty(shape)) for _ in self.blocks]
 
     @torch.no_grad()
     def generate(
-        self, bos: int, num_samples: int, temperature: float = 0.5, generator: torch.Generator | None = None
+        self,
+        prompt: list[int],
+        num_samples: int,
+        end_token: int,
+        max_new_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> list[list[int]]:
-        """Sample ``num_samples`` token sequences one at a time, each started and ended by ``bos``.
+        """Continue ``prompt`` (token ids, normally starting with the end/start token) ``num_samples`` times in parallel.
 
-        Every step feeds at most the last ``block_size`` tokens, draws the next token with
-        ``torch.multinomial`` from the softmax of the logits divided by ``temperature``, and
-        stops at ``bos`` or after ``block_size`` tokens. The returned sequences exclude ``bos``.
+        Each step draws one token for every sequence with ``torch.multinomial`` from the softmax of the
+        logits divided by ``temperature``, keeping only the ``top_k`` most likely tokens when given. A
+        sequence ends at ``end_token`` or after ``max_new_tokens`` (default ``block_size``) new tokens;
+        drawing stops once all have ended. Keys and values are cached, so each step costs one position;
+        once a sequence outgrows the context, each step re-reads the last ``block_size`` tokens, as
+        the model was trained. Returns the new tokens of each sequence, without ``end_token``.
         """
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}.")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k}.")
+        max_new_tokens = self.block_size if max_new_tokens is None else max_new_tokens
         device = self.wte.weight.device
-        samples = []
-        for _ in range(num_samples):
-            idx = torch.tensor([[bos]], device=device)
-            out: list[int] = []
-            for _ in range(self.block_size):
-                logits = self(idx[:, -self.block_size :])[0, -1]
-                probs = F.softmax(logits / temperature, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=generator))
-                if token == bos:
-                    break
-                out.append(token)
-                idx = torch.cat([idx, torch.tensor([[token]], device=device)], dim=1)
-            samples.append(out)
-        return samples
+        idx = torch.tensor([prompt], device=device).expand(num_samples, -1)
+        caches = self.new_caches(num_samples)
+        context = idx[:, -self.block_size :]
+        logits = self(context, caches)[:, -1]
+        new = []
+        ended = torch.zeros(num_samples, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            logits = logits / temperature
+            if top_k is not None and top_k < logits.size(-1):
+                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            new.append(token)
+            ended |= token[:, 0] == end_token
+            if bool(ended.all()) or step == max_new_tokens - 1:
+                break
+            context = torch.cat([context, token], dim=1)
+            if context.size(1) <= self.block_size:  # the cache has room: feed the new position only
+                logits = self(token, caches, start=context.size(1) - 1)[:, -1]
+            else:  # the window slides and every position shifts: re-read it whole
+                context = context[:, -self.block_size :]
+                logits = self(context)[:, -1]
+        out = torch.cat(new, dim=1).tolist()
+        return [seq[: seq.index(end_token)] if end_token in seq else seq for seq in out]

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from microgpt.data import IGNORE_INDEX, CharTokenizer
+from microgpt.data import IGNORE_INDEX
+from microgpt.tokenizer import CharTokenizer
 from microgpt.model import GPT
+from microgpt.sample import sample_names
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> float:
@@ -70,6 +72,15 @@ class MicroGPT(L.LightningModule):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.gpt(idx)
+
+    def sample(self, num_samples: int, temperature: float = 0.5, top_k: int | None = None, prefix: str = "",
+               generator: torch.Generator | None = None) -> list[str]:
+        """Invent ``num_samples`` names that start with ``prefix``."""
+        return sample_names(self.gpt, self.tokenizer, num_samples, temperature, top_k, prefix, generator)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
+        """A batch is a sampling request from the data module: how many names, and how to draw them."""
+        return self.sample(batch["count"], batch["temperature"], batch["top_k"], batch["prefix"])
 
     def token_nll(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Negative log-likelihood of every real (non-padded) target token in the batch."""

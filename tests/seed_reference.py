@@ -111,14 +111,20 @@ def train_seed(path, steps=500, block_size=8, lr=1e-2, num_samples=20, temperatu
             tokens = torch.tensor(encode(name, stoi, bos, block_size))
             nll = F.cross_entropy(forward_(w, tokens[:-1]), tokens[1:], reduction="sum")
             total, count = total + nll.item(), count + len(tokens) - 1
-        samples = []
-        for _ in range(num_samples):
-            seq = [bos]
-            for _ in range(block_size):
-                logits = forward_(w, torch.tensor(seq[-block_size:]))[-1]
-                token = torch.multinomial(F.softmax(logits / temperature, -1), 1).item()
-                if token == bos:
-                    break
+        # all names are drawn in parallel: one multinomial call over every sequence per step, until all have ended
+        seqs = [[bos] for _ in range(num_samples)]
+        ended = [False] * num_samples
+        for _ in range(block_size if num_samples else 0):
+            logits = torch.stack([forward_(w, torch.tensor(seq[-block_size:]))[-1] for seq in seqs])
+            tokens = torch.multinomial(F.softmax(logits / temperature, -1), 1)[:, 0].tolist()
+            for seq, token in zip(seqs, tokens):
                 seq.append(token)
-            samples.append("".join(chars[t] for t in seq[1:]))
+            ended = [e or t == bos for e, t in zip(ended, tokens)]
+            if all(ended):
+                break
+        samples = []
+        for seq in seqs:
+            body = seq[1:]
+            body = body[: body.index(bos)] if bos in body else body
+            samples.append("".join(chars[t] for t in body))
     return losses, total / count, samples

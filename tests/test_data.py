@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from microgpt.data import IGNORE_INDEX, CharTokenizer, NamesDataModule, download_names, encode_names, read_names
+from microgpt.data import IGNORE_INDEX, NamesDataModule, download_names, encode_names, read_names
+from microgpt.tokenizer import CharTokenizer
 from microgpt.errors import UserError
 
 

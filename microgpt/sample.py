@@ -1,0 +1,105 @@
+"""Inventing names, and the ``sample`` command that does it from a checkpoint alone.
+
+``python -m microgpt sample --ckpt_path K [--num_samples N] [--temperature T] [--top_k K] [--prefix P]
+[--seed S] [--output FILE]``. Loading needs only torch: the vocabulary and sizes are in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from microgpt.errors import UserError
+from microgpt.model import GPT
+from microgpt.tokenizer import CharTokenizer
+
+
+def sample_names(gpt: GPT, tokenizer: CharTokenizer, num_samples: int, temperature: float = 0.5,
+                 top_k: int | None = None, prefix: str = "", generator: torch.Generator | None = None) -> list[str]:
+    """``num_samples`` names starting with ``prefix``, drawn in parallel (``gpt`` in eval mode for the draw)."""
+    if not temperature > 0:
+        raise UserError(f"temperature must be positive, got {temperature}.")
+    unknown = tokenizer.unknown(prefix)
+    if unknown:
+        raise UserError(f"the prefix {prefix!r} has characters the model has never seen: {''.join(unknown)!r}.")
+    was_training = gpt.training
+    gpt.eval()
+    try:
+        ids = gpt.generate([tokenizer.bos, *tokenizer.encode(prefix)], num_samples, tokenizer.bos,
+                           temperature=temperature, top_k=top_k, generator=generator)
+    finally:
+        gpt.train(was_training)
+    return [prefix + tokenizer.decode(s) for s in ids]
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple[GPT, CharTokenizer]:
+    """The GPT and its vocabulary from a microgpt checkpoint (loaded with ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file." if not path.exists() else f"{path}: is not a file.")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for files that are not (whole) checkpoints
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: not a readable checkpoint ({reason[:200]}).") from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "vocab" not in hparams or "state_dict" not in checkpoint:
+        raise UserError(f"{path}: not a microgpt checkpoint (no vocabulary or weights inside).")
+    tokenizer = CharTokenizer(hparams["vocab"])
+    sizes = {k: hparams[k] for k in inspect.signature(GPT).parameters if k in hparams}
+    gpt = GPT(tokenizer.vocab_size, **sizes)
+    weights = {k.removeprefix("gpt."): v for k, v in checkpoint["state_dict"].items() if k.startswith("gpt.")}
+    try:
+        gpt.load_state_dict(weights)
+    except RuntimeError:
+        raise UserError(f"{path}: its weights do not fit the model its settings describe.") from None
+    return gpt.to(map_location), tokenizer
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="microgpt sample", description="Invent names with a trained checkpoint.")
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit (e.g. .../checkpoints/last.ckpt)")
+    parser.add_argument("--num_samples", type=positive_int, default=20, help="how many names (default 20)")
+    parser.add_argument("--temperature", type=positive_float, default=0.5, help="softmax temperature (default 0.5)")
+    parser.add_argument("--top_k", type=positive_int, default=None, help="draw only among the k likeliest characters")
+    parser.add_argument("--prefix", default="", help="every name starts with these characters")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible names")
+    parser.add_argument("--output", default=None, help="write the names to this file instead of printing them")
+    parser.add_argument("--device", default="cpu", help="torch device to sample on (default cpu)")
+    args = parser.parse_args(argv)
+    try:
+        gpt, tokenizer = load_checkpoint(args.ckpt_path, args.device)
+        generator = None if args.seed is None else torch.Generator(args.device).manual_seed(args.seed)
+        names = sample_names(gpt, tokenizer, args.num_samples, args.temperature, args.top_k, args.prefix, generator)
+        text = "".join(f"{name}\n" for name in names)
+        if args.output:
+            try:
+                Path(args.output).write_text(text, encoding="utf-8")
+            except OSError as err:
+                raise UserError(f"{args.output}: cannot write ({err.strerror}).") from None
+        else:
+            sys.stdout.write(text)
+    except UserError as err:
+        if os.environ.get("MICROGPT_DEBUG"):
+            raise
+        print(f"microgpt sample: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
