@@ -1,0 +1,120 @@
+"""Held-out metrics, padding, the optimizer's parameter groups and the learning-rate schedule."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from microgpt.callbacks import novelty
+from microgpt.data import NamesDataModule, encode_names
+from microgpt.errors import UserError
+from microgpt.module import MicroGPT, lr_factor
+from microgpt.tokenizer import CharTokenizer
+
+
+def trained_looking_model(vocab="abcde", seed=0, **kw):
+    torch.manual_seed(seed)
+    model = MicroGPT(vocab, n_embd=8, n_head=2, block_size=6, **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return model.eval()
+
+
+def nll_by_hand(model, name):
+    """Sum of -log p(next char) over a name and its end token, from softmax written out, and the count."""
+    tok = model.tokenizer
+    seq = [tok.bos, *tok.encode(name), tok.bos][: model.hparams.block_size + 1]
+    logits = model.gpt(torch.tensor([seq[:-1]]))[0].double()
+    logp = logits - torch.log(torch.exp(logits).sum(-1, keepdim=True))
+    return -sum(logp[i, t].item() for i, t in enumerate(seq[1:])), len(seq) - 1
+
+
+def test_one_name_scores_the_same_alone_and_inside_a_padded_batch():
+    model = trained_looking_model().double()  # float64: only a masking error could show, not GEMM rounding
+    tok = model.tokenizer
+    alone = encode_names(["ab"], tok, 6)
+    batch = encode_names(["ab", "abcdeab", "c"], tok, 6)
+    T = int(alone["lengths"].max())
+    with torch.no_grad():
+        a = model.gpt(alone["inputs"][:, :T])[0]
+        b = model.gpt(batch["inputs"])[0, :T]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    nll = model.token_nll((batch["inputs"], batch["targets"]))
+    assert len(nll) == 3 + 6 + 2  # padding receives no loss
+
+
+def test_val_loss_weights_tokens_across_batches_and_derives_ppl_and_bpc():
+    model = trained_looking_model()
+    names = ["abcdea", "b", "cab", "d"]
+    dm_batches = [encode_names(names[:1], model.tokenizer, 6), encode_names(names[1:], model.tokenizer, 6)]
+    for i, enc in enumerate(dm_batches):  # two batches with 6 and 2+4+2 predicted tokens
+        model.validation_step((enc["inputs"], enc["targets"]), i)
+    logged = {}
+    model.log_dict = lambda d, **kw: logged.update({k: float(v) for k, v in d.items()})
+    model.on_validation_epoch_end()
+
+    sums, counts = zip(*(nll_by_hand(model, n) for n in names))
+    expected = sum(sums) / sum(counts)
+    assert expected != pytest.approx(sum(s / c for s, c in zip(sums, counts)) / 4, abs=1e-3)  # not a mean of means
+    assert logged["val/loss"] == pytest.approx(expected, abs=1e-5)
+    assert logged["val/ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
+    assert logged["val/bpc"] == pytest.approx(expected / math.log(2), rel=1e-5)
+
+
+def test_test_loss_does_not_depend_on_batch_size(tiny_names, tmp_path):
+    model = trained_looking_model(vocab="".join(sorted(set(tiny_names.read_text().replace("\n", "")))))
+    losses = []
+    for eval_batch_size in (1, 3, 50):
+        dm = NamesDataModule(path=str(tiny_names), val_size=6, eval_batch_size=eval_batch_size, block_size=6)
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+        losses.append(trainer.test(model, datamodule=dm, verbose=False)[0]["test/loss"])
+    assert losses == pytest.approx([losses[0]] * 3, abs=1e-6)
+
+
+def test_test_path_with_unknown_characters_names_them(tiny_names, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("anna\nzoë\n", encoding="utf-8")
+    dm = NamesDataModule(path=str(tiny_names), val_size=2, test_path=str(other))
+    model = MicroGPT(dm.vocab)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(UserError, match=r"characters outside the model's vocabulary: 'zë'"):
+        trainer.test(model, datamodule=dm, verbose=False)
+
+
+def test_weight_decay_applies_to_linear_weights_only():
+    model = MicroGPT("abc", n_embd=8, n_head=2, n_layer=2, weight_decay=0.1)
+    model.trainer = L.Trainer(max_steps=10, logger=False)
+    groups = model.configure_optimizers()["optimizer"].param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    linear = {id(m.weight) for m in model.gpt.modules() if isinstance(m, torch.nn.Linear)}
+    assert decayed == linear
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_lr_schedule_warmup_cosine_and_floor():
+    # the seed: full lr at step 0, cosine to 0 over the run
+    assert [lr_factor(t, 500) for t in (0, 250, 500)] == pytest.approx([1.0, 0.5, 0.0])
+    # warmup never gives lr 0, reaches the peak at the end of warmup, then decays to the floor
+    assert [lr_factor(t, 100, warmup_steps=4) for t in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert lr_factor(100, 100, warmup_steps=4, min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(52, 100, warmup_steps=4, min_lr_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_shuffle_visits_every_name_once_per_pass_in_a_new_order(tmp_path):
+    path = tmp_path / "n.txt"
+    path.write_text("\n".join(f"n{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(30)))
+    dm = NamesDataModule(path=str(path), batch_size=5, val_size=2, shuffle=True)
+    dm.setup("fit")
+    batches = dm.train_dataloader().dataset
+    first = torch.cat([batches.positions(k) for k in range(28 // 4)])[:28]
+    passes = torch.cat([batches.positions(k) for k in range(0, 12)])  # 60 positions: two passes and a bit
+    assert sorted(passes[:28].tolist()) == list(range(28)) == sorted(passes[28:56].tolist())
+    assert passes[:28].tolist() != passes[28:56].tolist() != list(range(28))
+    assert first.tolist() == passes[:28].tolist()
+
+
+def test_novelty_shares():
+    shares = novelty(["ann", "bob", "cy", "dee"], train_names={"ann", "zed"}, held_out_names={"bob", "ann"})
+    assert shares == {"train": 0.25, "held_out": 0.25, "new": 0.5}
