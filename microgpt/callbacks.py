@@ -27,12 +27,13 @@ class SampleNames(L.Callback):
         self.temperature = temperature
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a broadcast under DDP: every process must ask, or rank 0 waits forever
         if trainer.is_global_zero:
-            self.sample(trainer, pl_module)
+            self.sample(trainer, pl_module, log_dir)
 
     @rank_zero_only
-    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
-        """Generate, print, save to ``samples.txt`` in the log directory, and log to every logger."""
+    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule, log_dir: str | None = None) -> list[str]:
+        """Generate, print, save to ``samples.txt`` in ``log_dir``, and log to every logger."""
         was_training = pl_module.training
         pl_module.eval()
         tokenizer = pl_module.tokenizer
@@ -41,8 +42,8 @@ class SampleNames(L.Callback):
         names = [tokenizer.decode(s) for s in ids]
         lines = [f"sample {i:2d}: {name}" for i, name in enumerate(names, 1)]
         print("\n".join(lines))
-        if trainer.log_dir is not None:
-            path = Path(trainer.log_dir) / "samples.txt"
+        if log_dir is not None:
+            path = Path(log_dir) / "samples.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("\n".join(names) + "\n", encoding="utf-8")
         for logger in trainer.loggers:

@@ -79,11 +79,24 @@ class MicroGPT(L.LightningModule):
         return nll[targets.flatten() != IGNORE_INDEX]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The mean NLL over every target token of the global batch, whichever process holds the token.
+
+        With W processes, each one's loss is its NLL sum divided by the global token count, times W:
+        DDP averages the gradients over processes, so the update equals one process on the whole batch.
+        """
         inputs, targets = batch
         logits = self.gpt(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        self.last_train_loss = loss.detach()
-        self.log("train/loss", loss, prog_bar=True)
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        count = (targets != IGNORE_INDEX).sum().to(nll.dtype)
+        world_size = self.trainer.world_size
+        if world_size > 1:
+            nll_total, count_total = self.trainer.strategy.reduce(torch.stack([nll.detach(), count]), reduce_op="sum")
+            loss, batch_loss = nll * world_size / count_total, nll_total / count_total
+        else:
+            loss = nll / count
+            batch_loss = loss.detach()
+        self.last_train_loss = batch_loss
+        self.log("train/loss", batch_loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
