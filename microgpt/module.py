@@ -96,7 +96,9 @@ class MicroGPT(L.LightningModule):
             loss = nll / count
             batch_loss = loss.detach()
         self.last_train_loss = batch_loss
-        self.log("train/loss", batch_loss, prog_bar=True)
+        # Loggers only: Lightning turns progress-bar metrics into Python floats after every step,
+        # a host sync per step; loggers read the value every ``log_every_n_steps`` steps.
+        self.log("train/loss", batch_loss)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
