@@ -43,6 +43,8 @@ class MicroGPT(L.LightningModule):
         weight_decay: AdamW weight decay, applied to the weight matrices of the linear layers only.
         warmup_steps: Optimizer steps of linear warmup before the cosine decay.
         min_lr: The learning rate the cosine decay ends at.
+        compile: Compile the GPT with ``torch.compile`` (the first steps pay for compiling; weights and
+            checkpoints are unchanged).
     """
 
     def __init__(
@@ -59,11 +61,14 @@ class MicroGPT(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         min_lr: float = 0.0,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = CharTokenizer(vocab)
         self.gpt = GPT(self.tokenizer.vocab_size, n_embd, n_head, n_layer, block_size, dropout)
+        if compile:
+            self.gpt.compile()  # in place: the parameter names in checkpoints stay the same
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
         self.last_train_loss: torch.Tensor | None = None
