@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import math
 import os
 import pstats
 import subprocess
@@ -42,15 +43,14 @@ SETTINGS = {
 
 
 def optimizer_and_schedule(gpt: torch.nn.Module, lr: float, total: int):
-    """AdamW with the project's decay groups and its step-wise warmup + cosine schedule (no warmup, no decay)."""
-    from microgpt.module import lr_factor
-
+    """AdamW with the project's decay groups (weight decay 0 here) and its cosine schedule without warmup."""
     embeddings = {id(m.weight) for m in gpt.modules() if isinstance(m, torch.nn.Embedding)}
     decay = [p for p in gpt.parameters() if p.dim() >= 2 and id(p) not in embeddings]
     no_decay = [p for p in gpt.parameters() if p.dim() < 2 or id(p) in embeddings]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95), eps=1e-8)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total))
+    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine)
 
 
 def plain_train(encoded, vocab_size, batch_size, n_embd, n_head, n_layer, block_size, steps, lr=1e-2):
@@ -160,34 +160,35 @@ def end_to_end(names: Path) -> None:
 
 
 def plain_script(names: Path) -> None:
-    """The seed recipe end to end without a framework: what a 200-line script does."""
+    """The seed recipe end to end without a framework (torch and the GPT class only): read, train, score, sample, save."""
     import random
-
-    from microgpt.data import CharTokenizer, encode_names, take
 
     lines = [n.strip() for n in names.read_text(encoding="utf-8").splitlines() if n.strip()]
     random.Random(42).shuffle(lines)
     train, val = lines[:-1000], lines[-1000:]
-    tok = CharTokenizer.from_names(lines)
+    chars = sorted(set("".join(lines)))
+    stoi, bos = {c: i for i, c in enumerate(chars)}, len(chars)
+
+    def encode(name: str) -> torch.Tensor:
+        return torch.tensor(([bos] + [stoi[c] for c in name] + [bos])[:9])
+
     torch.manual_seed(42)
-    gpt = GPT(tok.vocab_size, 16, 4, 1, 8)
+    gpt = GPT(len(chars) + 1, 16, 4, 1, 8)
     opt, schedule = optimizer_and_schedule(gpt, 1e-2, 500)
-    encoded = encode_names(train, tok, 8)
     for step in range(500):
-        x, y = take(encoded, torch.tensor([step % len(train)]))
-        loss = F.cross_entropy(gpt(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+        tokens = encode(train[step % len(train)])
+        loss = F.cross_entropy(gpt(tokens[None, :-1])[0], tokens[1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         schedule.step()
     gpt.eval()
-    held_out = encode_names(val, tok, 8)
     with torch.no_grad():
-        nll = sum(F.cross_entropy(gpt(x).flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
-                  for x, y in (take(held_out, idx) for idx in torch.arange(1000).split(500)))
-    print(f"val loss {float(nll) / int(held_out['lengths'].sum()):.4f}")
-    for i, ids in enumerate(gpt.generate(tok.bos, 20), 1):
-        print(f"sample {i:2d}: {tok.decode(ids)}")
+        held_out = [encode(name) for name in val]
+        nll = sum(F.cross_entropy(gpt(t[None, :-1])[0], t[1:], reduction="sum") for t in held_out)
+    print(f"val loss {float(nll) / sum(len(t) - 1 for t in held_out):.4f}")
+    for i, ids in enumerate(gpt.generate(bos, 20), 1):
+        print(f"sample {i:2d}: {''.join(chars[t] for t in ids)}")
     torch.save(gpt.state_dict(), "plain_seed.pt")
 
 
@@ -214,15 +215,42 @@ def profile_lightning(names: Path) -> None:
     print(f"\nProfile of the lean Lightning fit at batch 1, {s['steps']} steps: {total:.2f} s of own time by package")
     for package, sec in sorted(by_package.items(), key=lambda kv: -kv[1]):
         print(f"  {package:<40} {sec:>6.2f} s  {100 * sec / total:>5.1f}%")
-    print("\nLightning and torch.optim functions by cumulative time (top 25):")
-    stats.sort_stats("cumulative").print_stats(r"lightning|optim|microgpt", 25)
+    cumulative: dict[tuple[str, str], float] = defaultdict(float)
+    for (file, _, func), (_, _, _, cumtime, _) in stats.stats.items():
+        cumulative[(file, func)] += cumtime
+
+    def cum(path_part: str, func: str) -> float:
+        return sum(t for (file, f), t in cumulative.items() if path_part in file and f == func)
+
+    loop = cum("training_epoch_loop.py", "advance")
+    parts = {
+        "forward + loss (MicroGPT.training_step without self.log)":
+            cum("microgpt/module.py", "training_step") - cum("lightning/pytorch/core/module.py", "log"),
+        "self.log('train/loss')": cum("lightning/pytorch/core/module.py", "log"),
+        "backward": cum("torch/_tensor.py", "backward"),
+        "Adam update": cum("torch/optim/adam.py", "adam"),
+        "zero_grad": cum("torch/optim/optimizer.py", "zero_grad"),
+        "lr schedule step": cum("lightning/pytorch/loops/training_epoch_loop.py", "update_lr_schedulers"),
+        "next batch (Lightning fetcher, DataLoader, TrainBatches)": cum("loops/fetchers.py", "__next__"),
+        "callback hooks": cum("lightning/pytorch/trainer/call.py", "_call_callback_hooks"),
+        "logger connector at batch end": cum("logger_connector.py", "on_batch_end")
+        + cum("logger_connector.py", "update_train_step_metrics"),
+    }
+    print(f"\nOne training step, {1000 * loop / s['steps']:.2f} ms (cumulative, profiler overhead included):")
+    for label, sec in parts.items():
+        print(f"  {label:<60} {1000 * sec / s['steps']:>6.3f} ms")
+    rest = loop - sum(parts.values())
+    print(f"  {'the rest: the loop machinery, hooks on the module, progress tracking':<60} "
+          f"{1000 * rest / s['steps']:>6.3f} ms")
+    print("\nLightning functions by own time (top 15):")
+    stats.sort_stats("tottime").print_stats(r"lightning", 15)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--names", type=Path, default=ROOT / "data" / "names.txt", help="makemore's names.txt")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per setting")
-    parser.add_argument("--quick", action="store_true", help="one round, a third of the steps, no end to end")
+    parser.add_argument("--quick", action="store_true", help="a third of the steps and no end-to-end runs")
     parser.add_argument("--profile", action="store_true", help="only profile the Lightning loop at batch 1")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a busy "
                         "machine 1 avoids idle threads spinning against other processes")
@@ -237,7 +265,7 @@ def main() -> None:
     if args.profile:
         return profile_lightning(names)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    throughput(names, 1 if args.quick else args.rounds, 1 / 3 if args.quick else 1.0)
+    throughput(names, args.rounds, 1 / 3 if args.quick else 1.0)
     if not args.quick:
         end_to_end(names)
 
