@@ -70,10 +70,12 @@ def test_losses_and_weights_equal_one_process(runs):
     ddp_state = torch.load(runs["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
     single_state = runs["model"].state_dict()
     assert ddp_state.keys() == single_state.keys()
-    # The gradient all-reduce sums in another order than one process does; Adam divides by the root of
-    # the squared gradient, so that float32 rounding reaches the weights at about 1e-6 after 4 steps.
+    # The gradient all-reduce sums in another order than one process does. Adam divides each gradient by
+    # its own running magnitude, so for the odd weight whose gradient is near zero that last-bit float32
+    # difference reaches the weight at a few 1e-6; nearly all weights agree to 1e-6.
     for key, value in single_state.items():
-        torch.testing.assert_close(ddp_state[key], value, rtol=0, atol=3e-6)
+        torch.testing.assert_close(ddp_state[key], value, rtol=0, atol=1e-5)
+        assert ((ddp_state[key] - value).abs() > 1e-6).float().mean() < 1e-3, key
     assert ddp_state["gpt.blocks.1.mlp.fc2.weight"].abs().sum() > 0  # it was trained
 
 
