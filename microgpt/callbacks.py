@@ -62,13 +62,14 @@ class SampleNames(L.Callback):
             log_samples(trainer, self.sample(pl_module, generator), step)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a broadcast under DDP: every process must ask, or rank 0 waits forever
         if not trainer.is_global_zero:
             return
         generator = None if self.seed is None else torch.Generator(pl_module.device).manual_seed(self.seed)
         names = self.sample(pl_module, generator)
         print("\n".join(f"sample {i:2d}: {name}" for i, name in enumerate(names, 1)))
-        if trainer.log_dir is not None:
-            path = Path(trainer.log_dir) / "samples.txt"
+        if log_dir is not None:
+            path = Path(log_dir) / "samples.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("\n".join(names) + "\n", encoding="utf-8")
         log_samples(trainer, names, trainer.global_step)

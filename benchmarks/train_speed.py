@@ -1,0 +1,274 @@
+"""Training speed of the Lightning project against a plain PyTorch loop of the same model, data and optimizer.
+
+    python benchmarks/train_speed.py --names ../shared/data/names.txt            # about 2-3 minutes
+    python benchmarks/train_speed.py --names ../shared/data/names.txt --quick    # about 1 minute
+    python benchmarks/train_speed.py --names ../shared/data/names.txt --profile  # where Lightning's time goes
+
+Throughput: in one process, rounds alternate (a) ``Trainer.fit`` of ``microgpt.module.MicroGPT`` in a lean
+set-up (no logger, checkpointing, progress bar or validation) and (b) a loop over ``microgpt.model.GPT``
+with the same batches in the same order, AdamW with the same groups and the same warmup + cosine
+schedule. Steps per second count the steps after the first tenth (warm-up excluded); the best round
+of each side is reported. End to end: ``python -m microgpt fit --config configs/names.yaml`` (as shipped,
+and lean) against this file run as a plain script (``--plain-script``: read, train, score, sample, save).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import math
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch
+import torch.nn.functional as F
+
+from microgpt.model import GPT
+
+SETTINGS = {
+    "seed (batch 1, 16-dim, 1 layer, context 8)":
+        {"batch_size": 1, "n_embd": 16, "n_head": 4, "n_layer": 1, "block_size": 8, "steps": 500},
+    "makemore size (batch 32, 64-dim, 4 layers, 4 heads, context 16)":
+        {"batch_size": 32, "n_embd": 64, "n_head": 4, "n_layer": 4, "block_size": 16, "steps": 150},
+}
+
+
+def optimizer_and_schedule(gpt: torch.nn.Module, lr: float, total: int):
+    """AdamW with the project's decay groups (weight decay 0 here) and its cosine schedule without warmup."""
+    embeddings = {id(m.weight) for m in gpt.modules() if isinstance(m, torch.nn.Embedding)}
+    decay = [p for p in gpt.parameters() if p.dim() >= 2 and id(p) not in embeddings]
+    no_decay = [p for p in gpt.parameters() if p.dim() < 2 or id(p) in embeddings]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+
+
+def plain_train(encoded, vocab_size, batch_size, n_embd, n_head, n_layer, block_size, steps, lr=1e-2):
+    """The plain loop; returns (seconds per timed step, the timed steps' target-token count, final loss)."""
+    torch.manual_seed(42)
+    gpt = GPT(vocab_size, n_embd, n_head, n_layer, block_size)
+    opt, schedule = optimizer_and_schedule(gpt, lr, steps)
+    inputs, targets, lengths = encoded["inputs"], encoded["targets"], encoded["lengths"]
+    n, warm = len(lengths), steps // 10
+    tokens = 0
+    for step in range(steps):
+        if step == warm:
+            start = time.perf_counter()
+        idx = torch.arange(step * batch_size, (step + 1) * batch_size) % n
+        T = int(lengths[idx].max())
+        x, y = inputs[idx, :T], targets[idx, :T]
+        loss = F.cross_entropy(gpt(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        if step >= warm:
+            tokens += int(lengths[idx].sum())
+    return (time.perf_counter() - start) / (steps - warm), tokens, float(loss.detach())
+
+
+def lightning_train(names, batch_size, n_embd, n_head, n_layer, block_size, steps, lr=1e-2, profile=None):
+    """The project's LightningModule and DataModule under a lean Trainer; returns seconds per timed step."""
+    import lightning as L
+
+    from microgpt.data import NamesDataModule
+    from microgpt.module import MicroGPT
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == steps // 10:
+                self.start = time.perf_counter()
+
+        def on_train_end(self, trainer, pl_module):
+            self.seconds = time.perf_counter() - self.start
+
+    L.seed_everything(42, verbose=False)
+    data = NamesDataModule(path=str(names), block_size=block_size, batch_size=batch_size)
+    model = MicroGPT(data.vocab, n_embd, n_head, n_layer, block_size, lr=lr)
+    clock = Clock()
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[clock])
+    if profile is not None:
+        profile.enable()
+    trainer.fit(model, datamodule=data)
+    if profile is not None:
+        profile.disable()
+    return clock.seconds / (steps - steps // 10), float(model.last_train_loss)
+
+
+def throughput(names: Path, rounds: int, scale: float) -> None:
+    from microgpt.data import NamesDataModule, encode_names
+
+    print(f"Training-step throughput, best of {rounds} alternating rounds, warm-up steps excluded")
+    print(f"{'setting':<66} {'side':<10} {'steps/s':>9} {'tokens/s':>10} {'Lightning/plain':>16}")
+    for label, s in SETTINGS.items():
+        steps = max(20, int(s["steps"] * scale))
+        config = {k: v for k, v in s.items() if k != "steps"}
+        data = NamesDataModule(path=str(names), block_size=s["block_size"])
+        encoded = encode_names(data.train_names, data.tokenizer, s["block_size"])
+        plain, lean = [], []
+        for _ in range(rounds):
+            lean.append(lightning_train(names, **config, steps=steps)[0])
+            seconds, tokens, _ = plain_train(encoded, data.tokenizer.vocab_size, **config, steps=steps)
+            plain.append(seconds)
+        timed = steps - steps // 10
+        best_lean, best_plain = min(lean), min(plain)
+        for side, sec in (("Lightning", best_lean), ("plain", best_plain)):
+            ratio = f"{best_plain / best_lean:.2f}x" if side == "Lightning" else ""
+            print(f"{label:<66} {side:<10} {1 / sec:>9.1f} {tokens / timed / sec:>10.0f} {ratio:>16}")
+
+
+def end_to_end(names: Path) -> None:
+    lean = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
+            "false", "--trainer.enable_checkpointing", "false",
+            "--trainer.callbacks", '[{"class_path": "microgpt.callbacks.SampleNames"}]']
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    print("\nEnd to end, seed recipe (500 steps, score 1000 held-out names, 20 samples), wall seconds")
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {
+            "python -m microgpt fit --config configs/names.yaml": ["-m", "microgpt", "fit", "--config",
+                                                                  str(ROOT / "configs" / "names.yaml")],
+            "  ... lean (no logger, checkpoint, progress bar, summary)": ["-m", "microgpt", "fit", "--config",
+                                                                         str(ROOT / "configs" / "names.yaml"), *lean],
+            "python benchmarks/train_speed.py --plain-script": [__file__, "--plain-script"],
+        }
+        seconds = {}
+        for label, args in runs.items():
+            extra = ["--names", str(names)] if "--plain-script" in args else [
+                "--data.path", str(names), "--trainer.default_root_dir", tmp]
+            start = time.perf_counter()
+            subprocess.run([sys.executable, *args, *extra], check=True, capture_output=True, env=env, cwd=tmp)
+            seconds[label] = time.perf_counter() - start
+        plain = seconds["python benchmarks/train_speed.py --plain-script"]
+        for label, sec in seconds.items():
+            print(f"{label:<66} {sec:>6.2f} s  {sec / plain:>5.2f}x plain")
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import microgpt.cli"], check=True, env=env, cwd=tmp)
+        label = 'python -c "import microgpt.cli" (the start-up imports)'
+        print(f"{label:<66} {time.perf_counter() - start:>6.2f} s")
+
+
+def plain_script(names: Path) -> None:
+    """The seed recipe end to end without a framework (torch and the GPT class only): read, train, score, sample, save."""
+    import random
+
+    lines = [n.strip() for n in names.read_text(encoding="utf-8").splitlines() if n.strip()]
+    random.Random(42).shuffle(lines)
+    train, val = lines[:-1000], lines[-1000:]
+    chars = sorted(set("".join(lines)))
+    stoi, bos = {c: i for i, c in enumerate(chars)}, len(chars)
+
+    def encode(name: str) -> torch.Tensor:
+        return torch.tensor(([bos] + [stoi[c] for c in name] + [bos])[:9])
+
+    torch.manual_seed(42)
+    gpt = GPT(len(chars) + 1, 16, 4, 1, 8)
+    opt, schedule = optimizer_and_schedule(gpt, 1e-2, 500)
+    for step in range(500):
+        tokens = encode(train[step % len(train)])
+        loss = F.cross_entropy(gpt(tokens[None, :-1])[0], tokens[1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+    gpt.eval()
+    with torch.no_grad():
+        held_out = [encode(name) for name in val]
+        nll = sum(F.cross_entropy(gpt(t[None, :-1])[0], t[1:], reduction="sum") for t in held_out)
+    print(f"val loss {float(nll) / sum(len(t) - 1 for t in held_out):.4f}")
+    for i, ids in enumerate(gpt.generate(bos, 20), 1):
+        print(f"sample {i:2d}: {''.join(chars[t] for t in ids)}")
+    torch.save(gpt.state_dict(), "plain_seed.pt")
+
+
+def profile_lightning(names: Path) -> None:
+    """cProfile the lean Lightning loop at batch 1; split its own time by package and list Lightning's hot spots."""
+    s = SETTINGS["seed (batch 1, 16-dim, 1 layer, context 8)"]
+    lightning_train(names, **{k: v for k, v in s.items() if k != "steps"}, steps=s["steps"])  # warm caches
+    profile = cProfile.Profile()
+    lightning_train(names, **{k: v for k, v in s.items() if k != "steps"}, steps=s["steps"], profile=profile)
+    stats = pstats.Stats(profile)
+    by_package: dict[str, float] = defaultdict(float)
+    for (file, _, _), (_, _, tottime, _, _) in stats.stats.items():
+        parts = Path(file).parts
+        if "site-packages" in parts:
+            package = parts[parts.index("site-packages") + 1]
+        elif "microgpt" in parts:
+            package = "microgpt"
+        elif file == "~":
+            package = "C functions (torch ops, builtins)"
+        else:
+            package = "python stdlib"
+        by_package[package] += tottime
+    total = sum(by_package.values())
+    print(f"\nProfile of the lean Lightning fit at batch 1, {s['steps']} steps: {total:.2f} s of own time by package")
+    for package, sec in sorted(by_package.items(), key=lambda kv: -kv[1]):
+        print(f"  {package:<40} {sec:>6.2f} s  {100 * sec / total:>5.1f}%")
+    cumulative: dict[tuple[str, str], float] = defaultdict(float)
+    for (file, _, func), (_, _, _, cumtime, _) in stats.stats.items():
+        cumulative[(file, func)] += cumtime
+
+    def cum(path_part: str, func: str) -> float:
+        return sum(t for (file, f), t in cumulative.items() if path_part in file and f == func)
+
+    loop = cum("training_epoch_loop.py", "advance")
+    parts = {
+        "forward + loss (MicroGPT.training_step without self.log)":
+            cum("microgpt/module.py", "training_step") - cum("lightning/pytorch/core/module.py", "log"),
+        "self.log('train/loss')": cum("lightning/pytorch/core/module.py", "log"),
+        "backward": cum("torch/_tensor.py", "backward"),
+        "Adam update": cum("torch/optim/adam.py", "adam"),
+        "zero_grad": cum("torch/optim/optimizer.py", "zero_grad"),
+        "lr schedule step": cum("lightning/pytorch/loops/training_epoch_loop.py", "update_lr_schedulers"),
+        "next batch (Lightning fetcher, DataLoader, TrainBatches)": cum("loops/fetchers.py", "__next__"),
+        "callback hooks": cum("lightning/pytorch/trainer/call.py", "_call_callback_hooks"),
+        "logger connector at batch end": cum("logger_connector.py", "on_batch_end")
+        + cum("logger_connector.py", "update_train_step_metrics"),
+    }
+    print(f"\nOne training step, {1000 * loop / s['steps']:.2f} ms (cumulative, profiler overhead included):")
+    for label, sec in parts.items():
+        print(f"  {label:<60} {1000 * sec / s['steps']:>6.3f} ms")
+    rest = loop - sum(parts.values())
+    print(f"  {'the rest: the loop machinery, hooks on the module, progress tracking':<60} "
+          f"{1000 * rest / s['steps']:>6.3f} ms")
+    print("\nLightning functions by own time (top 15):")
+    stats.sort_stats("tottime").print_stats(r"lightning", 15)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--names", type=Path, default=ROOT / "data" / "names.txt", help="makemore's names.txt")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per setting")
+    parser.add_argument("--quick", action="store_true", help="a third of the steps and no end-to-end runs")
+    parser.add_argument("--profile", action="store_true", help="only profile the Lightning loop at batch 1")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a busy "
+                        "machine 1 avoids idle threads spinning against other processes")
+    parser.add_argument("--plain-script", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    names = args.names.resolve()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the end-to-end subprocesses
+    if args.plain_script:
+        return plain_script(names)
+    if args.profile:
+        return profile_lightning(names)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    throughput(names, args.rounds, 1 / 3 if args.quick else 1.0)
+    if not args.quick:
+        end_to_end(names)
+
+
+if __name__ == "__main__":
+    main()
