@@ -11,8 +11,10 @@ import time
 import warnings
 
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from microgpt.checkpoint import find_last_checkpoint, load_checkpoint
 from microgpt.data import NamesDataModule
 from microgpt.errors import UserError
 from microgpt.module import MicroGPT
@@ -28,6 +30,21 @@ class MicroGPTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.block_size", "data.block_size", apply_on="parse")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then resolve ``--ckpt_path last`` and check the checkpoint before anything reads it."""
+        super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        if config is None or config.get("ckpt_path") in (None, "best", "hpc"):
+            return
+        if config["ckpt_path"] == "last":
+            root = config["trainer"].get("default_root_dir") or os.getcwd()
+            last = find_last_checkpoint(root)
+            if last is None:
+                rank_zero_warn(f"--ckpt_path last: no last.ckpt under {root}; starting from scratch.")
+            config["ckpt_path"] = None if last is None else str(last)
+        if config["ckpt_path"] is not None:
+            load_checkpoint(config["ckpt_path"])
 
     def before_fit(self) -> None:
         self.fit_started = time.perf_counter()
@@ -65,3 +82,5 @@ def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
             raise
         print(f"microgpt: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:
+        raise SystemExit(1) from None  # stopped by SIGTERM or Ctrl-C; the checkpoint callback said where

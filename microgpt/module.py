@@ -10,8 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
+from microgpt.checkpoint import FORMAT, FORMAT_KEY
 from microgpt.data import IGNORE_INDEX, CharTokenizer
+from microgpt.errors import UserError
 from microgpt.model import GPT
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or infinite; the run stops without saving."""
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> float:
@@ -61,6 +67,9 @@ class MicroGPT(L.LightningModule):
         min_lr: float = 0.0,
     ):
         super().__init__()
+        check_hyperparameters(n_embd=n_embd, n_head=n_head, n_layer=n_layer, block_size=block_size,
+                              dropout=dropout, lr=lr, eps=eps, weight_decay=weight_decay,
+                              warmup_steps=warmup_steps, min_lr=min_lr)
         self.save_hyperparameters()
         self.tokenizer = CharTokenizer(vocab)
         self.gpt = GPT(self.tokenizer.vocab_size, n_embd, n_head, n_layer, block_size, dropout)
@@ -82,6 +91,12 @@ class MicroGPT(L.LightningModule):
         inputs, targets = batch
         logits = self.gpt(inputs)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        if not torch.isfinite(loss):
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer else self.hparams.lr
+            raise NonFiniteLoss(
+                f"the training loss is {float(loss)} at step {self.global_step + 1} (lr {lr:.6g}); "
+                "stopped without saving, so the last checkpoint is the last good one."
+            )
         self.last_train_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -105,6 +120,26 @@ class MicroGPT(L.LightningModule):
         self.log_dict({f"{split}/loss": loss, f"{split}/ppl": loss.exp(), f"{split}/bpc": loss / math.log(2)},
                       prog_bar=split == "val")
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and (self.trainer.max_steps == 0 or self.trainer.max_steps < -1):
+            raise UserError(f"--trainer.max_steps must be a positive integer (or -1 for no limit), "
+                            f"got {self.trainer.max_steps}.")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the format version and the random state that dropout and sampling draw from."""
+        checkpoint[FORMAT_KEY] = FORMAT
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the random state, so a resumed run draws exactly what the uninterrupted run drew."""
+        rng = checkpoint.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
     def configure_optimizers(self):
         hp = self.hparams
         embeddings = {id(m.weight) for m in self.gpt.modules() if isinstance(m, nn.Embedding)}
@@ -119,3 +154,19 @@ class MicroGPT(L.LightningModule):
             optimizer, lambda step: lr_factor(step, total, hp.warmup_steps, hp.min_lr / hp.lr)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def check_hyperparameters(**values: float) -> None:
+    """Refuse model settings that cannot work, naming the flag, in one sentence."""
+    for name in ("n_embd", "n_head", "n_layer", "block_size"):
+        if values[name] < 1:
+            raise UserError(f"--model.{name} must be a positive integer, got {values[name]}.")
+    if values["n_embd"] % values["n_head"]:
+        raise UserError(f"--model.n_embd ({values['n_embd']}) must be divisible by --model.n_head ({values['n_head']}).")
+    if not 0 <= values["dropout"] < 1:
+        raise UserError(f"--model.dropout must be in [0, 1), got {values['dropout']}.")
+    if not values["lr"] > 0:
+        raise UserError(f"--model.lr must be positive, got {values['lr']}.")
+    for name in ("eps", "weight_decay", "warmup_steps", "min_lr"):
+        if not values[name] >= 0:
+            raise UserError(f"--model.{name} must be zero or more, got {values[name]}.")
