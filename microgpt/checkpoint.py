@@ -5,7 +5,7 @@
 * ``load_checkpoint`` reads a checkpoint with ``weights_only=True`` and turns every way it can be
   wrong (missing, truncated, not a checkpoint, written by another version) into one ``UserError``.
 * ``RunCheckpoint`` saves every ``N`` steps and, when the run is stopped by SIGTERM or Ctrl-C, once
-  more at the step boundary where it stopped; ``fit --ckpt_path last`` continues from there.
+  more at the end of the step where it stopped; ``fit --ckpt_path last`` continues from there.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import os
 import pickle
 import signal
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from microgpt.errors import UserError
 
@@ -61,12 +59,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         raise UserError(f"{path}: is a directory, not a checkpoint file.")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError as err:
+        raise UserError(f"{path}: cannot be read (permission denied).") from err
     except pickle.UnpicklingError as err:
         if "weights_only" in str(err):
-            raise UserError(f"{path}: holds objects other than plain data and tensors; refusing to load it.") from None
-        raise UserError(f"{path}: is not a checkpoint, or is truncated.") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile):
-        raise UserError(f"{path}: is not a checkpoint, or is truncated.") from None
+            raise UserError(f"{path}: holds objects other than plain data and tensors; refusing to load it.") from err
+        raise UserError(f"{path}: is not a checkpoint, or is truncated.") from err
+    except Exception as err:  # whatever torch trips over in a file that is not a whole checkpoint
+        raise UserError(f"{path}: is not a checkpoint, or is truncated.") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"{path}: is a torch file but not a training checkpoint.")
     if checkpoint.get(FORMAT_KEY) != FORMAT:
@@ -89,11 +89,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path, map_location)
 
 
+class Stopped(Exception):
+    """The run was stopped by a signal after saving ``path`` at ``step``; the command line exits 128 + signum."""
+
+    def __init__(self, signum: int, step: int, path: str | os.PathLike):
+        self.signum, self.step, self.path = signum, step, Path(path)
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; saved {self.path}; "
+                         "continue with: fit ... --ckpt_path last")
+
+
 class RunCheckpoint(ModelCheckpoint):
     """Keeps ``last.ckpt`` current: saved every ``every_n_train_steps`` steps, at the end, and when stopped.
 
-    SIGTERM (Lightning's own handling) and the first Ctrl-C stop the run at the end of the current
-    step and save there; a second Ctrl-C stops at once without saving. Nothing is saved when the run
+    SIGTERM and the first Ctrl-C stop the run at the end of the current step, save ``last.ckpt``
+    there and exit (with 128 + the signal number); a second Ctrl-C stops at once without saving. Nothing is saved when the run
     fails (e.g. on a non-finite loss), so ``last.ckpt`` stays the last good one.
 
     Args:
@@ -102,12 +111,16 @@ class RunCheckpoint(ModelCheckpoint):
         save_top_k: How many step-named checkpoints to keep besides ``last.ckpt``.
     """
 
+    STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self, every_n_train_steps: int = 100, save_last: bool = True, save_top_k: int = 1, **kwargs: Any):
         if every_n_train_steps < 1:
             raise UserError(f"every_n_train_steps must be a positive integer, got {every_n_train_steps}.")
         super().__init__(every_n_train_steps=every_n_train_steps, save_last=save_last, save_top_k=save_top_k,
-                         save_on_exception=True, **kwargs)
-        self._previous_sigint: Any = None
+                         **kwargs)
+        self._previous_handlers: dict[int, Any] = {}
+        self._stop_signal = 0
+        self._stopped: Stopped | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Write and read this run's checkpoints through ``AtomicCheckpointIO``."""
@@ -116,33 +129,53 @@ class RunCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Turn the first Ctrl-C into Lightning's SIGTERM stop, which ends the run at a step boundary."""
+        """While training, SIGTERM and Ctrl-C only ask for a stop at the end of the current step."""
         super().on_train_start(trainer, pl_module)
+        self._stop_signal, self._stopped = 0, None
         try:
-            self._previous_sigint = signal.signal(signal.SIGINT, self._stop_at_step_end)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous_sigint = None
+            for signum in self.STOP_SIGNALS:
+                self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+        except ValueError:  # not the main thread: signals cannot be handled here
+            self._restore_handlers()
 
-    def _stop_at_step_end(self, signum: int, frame: Any) -> None:
-        rank_zero_info("\nCtrl-C: stopping after this step and saving a checkpoint (press again to quit at once).")
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        os.kill(os.getpid(), signal.SIGTERM)
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self._stop_signal:  # pressed again: quit now
+                raise KeyboardInterrupt
+            rank_zero_info("\nCtrl-C: stopping after this step and saving a checkpoint (press again to quit at once).")
+        self._stop_signal = self._stop_signal or signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        """Save as usual; if a stop was asked for (on any process), save ``last.ckpt`` now.
+
+        This is where periodic checkpoints are saved too, the point Lightning resumes from exactly.
+        The run stops when the next step would start, after this step's logging has finished.
+        """
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        signum = self._stop_signal
+        if trainer.world_size > 1:  # all processes stop at the same step
+            signum = int(trainer.strategy.reduce(torch.tensor(signum), reduce_op="max"))
+        if signum and self._stopped is None:
+            path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+            trainer.save_checkpoint(path)
+            self._stopped = Stopped(signum, trainer.global_step, path)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if self._stopped is not None:
+            raise self._stopped
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        self._restore_sigint()
+        self._restore_handlers()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """Save only when Lightning stopped the run at a step boundary (SIGTERM); never a half-done or bad state."""
-        self._restore_sigint()
-        if isinstance(exception, SIGTERMException):
-            super().on_exception(trainer, pl_module, exception)
-            rank_zero_info(f"stopped at step {trainer.global_step}; continue with: fit ... --ckpt_path last")
+        """Save nothing: the state may be half-way through a step, or bad (a non-finite loss)."""
+        self._restore_handlers()
 
-    def _restore_sigint(self) -> None:
-        if self._previous_sigint is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
 
 
 def find_last_checkpoint(root: str | os.PathLike) -> Path | None:

@@ -12,9 +12,8 @@ import warnings
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from microgpt.checkpoint import find_last_checkpoint, load_checkpoint
+from microgpt.checkpoint import Stopped, find_last_checkpoint, load_checkpoint
 from microgpt.data import NamesDataModule
 from microgpt.errors import UserError
 from microgpt.module import MicroGPT
@@ -82,5 +81,6 @@ def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
             raise
         print(f"microgpt: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except SIGTERMException:
-        raise SystemExit(1) from None  # stopped by SIGTERM or Ctrl-C; the checkpoint callback said where
+    except Stopped as stop:
+        print(f"microgpt: {stop}", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from microgpt.errors import UserError
@@ -32,6 +33,8 @@ IGNORE_INDEX = -100  # target value of padded positions; F.cross_entropy skips i
 # Our iterable datasets are read in the main process only, so Lightning's caution about
 # ``__len__`` with several loader workers does not apply.
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
+# The training order is a function of the global step, so resuming mid-epoch is exact without loader state.
+warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
 
 
 class CharTokenizer:
@@ -89,7 +92,11 @@ def download_names(dest: Path, url: str = NAMES_URL, sha256: str = NAMES_SHA256)
 
 
 def read_names(path: str | os.PathLike) -> list[str]:
-    """The names in a UTF-8 text file, one per line, surrounding whitespace stripped, blank lines dropped."""
+    """The names in a UTF-8 text file, one per line, surrounding whitespace stripped, blank lines dropped.
+
+    Any line ending works (``\\n``, ``\\r\\n``, ``\\r``); duplicates are kept, since how often a name
+    occurs is part of the data; characters are kept exactly as written (no Unicode normalization).
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file.")
@@ -97,7 +104,7 @@ def read_names(path: str | os.PathLike) -> list[str]:
         raise UserError(f"{path}: is a directory, not a file of names.")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is not part of a name
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         raise UserError(f"{path}: line {line} is not valid UTF-8.") from None
@@ -154,7 +161,9 @@ class TrainBatches(IterableDataset):
         self.batches_per_epoch = math.ceil(self.num_names / batch_size)
 
     def __len__(self) -> int:
-        return len(self.window())
+        """Batches in a whole epoch, also when resuming mid-epoch: Lightning counts the ones already done,
+        and ``window()`` then yields only the rest."""
+        return self.batches_per_epoch
 
     def positions(self, k: int) -> torch.Tensor:
         """The name indices of this process's slice of global batch ``k``."""
@@ -243,8 +252,8 @@ class NamesDataModule(L.LightningDataModule):
         names = read_names(self.path)
         if self.val_size >= len(names):
             raise UserError(
-                f"{self.path}: --data.val_size {self.val_size} leaves no training names "
-                f"(the file has {len(names)})."
+                f"{self.path}: --data.val_size {self.val_size} leaves no training names (the file has "
+                f"{len(names)}); pass a smaller --data.val_size, or 0 to train on all of them without validation."
             )
         random.Random(self.seed).shuffle(names)
         return names
@@ -274,8 +283,19 @@ class NamesDataModule(L.LightningDataModule):
                 f"--data.batch_size {self.batch_size} cannot be split evenly over {self.world_size} processes."
             )
         if not hasattr(self, "train_encoded"):
+            self.warn_about_long_names()
             self.train_encoded = encode_names(self.train_names, self.tokenizer, self.block_size)
             self.val_encoded = encode_names(self.val_names, self.tokenizer, self.block_size)
+
+    def warn_about_long_names(self) -> None:
+        """One warning when names do not fit the context: they are cut, so the model never sees their end."""
+        longest = max(len(name) for name in self.names)
+        if longest + 1 > self.block_size:  # a name of n characters needs n + 1 input positions
+            cut = sum(len(name) + 1 > self.block_size for name in self.names)
+            rank_zero_warn(
+                f"{self.path}: {cut} of {len(self.names)} names are longer than the context and were cut; "
+                f"--model.block_size {longest + 1} keeps them whole."
+            )
 
     def loader(self, batches: IterableDataset) -> DataLoader:
         """A loader of ready-made batches, with a private generator so that iterating never draws
