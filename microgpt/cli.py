@@ -76,11 +76,24 @@ def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
             parser_kwargs={"prog": "microgpt"},
             save_config_kwargs={"overwrite": True},
         )
-    except UserError as err:
-        if os.environ.get("MICROGPT_DEBUG"):
-            raise
-        print(f"microgpt: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     except Stopped as stop:
         print(f"microgpt: {stop}", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
+    except Exception as err:
+        user_error = user_error_behind(err)
+        if user_error is None or os.environ.get("MICROGPT_DEBUG"):
+            raise
+        print(f"microgpt: error: {user_error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def user_error_behind(err: BaseException) -> UserError | None:
+    """``err`` if it is a ``UserError``, else the first one it was raised from (jsonargparse wraps
+    errors raised while it builds a class), else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
