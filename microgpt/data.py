@@ -121,14 +121,26 @@ def encode_names(names: list[str], tokenizer: CharTokenizer, block_size: int) ->
     with ``IGNORE_INDEX``) and ``lengths`` (N,), the number of predicted positions of each name.
     """
     bos = tokenizer.bos
-    seqs = [[bos, *tokenizer.encode(name)[:block_size], bos][: block_size + 1] for name in names]
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    flat = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
-    rows = torch.repeat_interleave(torch.arange(len(seqs)), lengths)
-    starts = torch.cumsum(lengths, 0) - lengths
-    cols = torch.arange(len(flat)) - torch.repeat_interleave(starts, lengths)
-    tokens = torch.full((len(seqs), block_size + 1), IGNORE_INDEX, dtype=torch.long)
-    tokens[rows, cols] = flat
+    # Row i is [BOS, first block_size characters, BOS] cut to block_size + 1 tokens, computed for all
+    # names at once: code points -> vocabulary ids (the vocabulary is sorted by code point) -> scatter.
+    name_lengths = torch.tensor([len(name) for name in names], dtype=torch.long)
+    text = "".join(names).encode("utf-32-le")
+    chars = torch.frombuffer(bytearray(text), dtype=torch.int32).long() if text else torch.zeros(0, dtype=torch.long)
+    vocab = torch.tensor([ord(c) for c in tokenizer.chars], dtype=torch.long)
+    ids = torch.searchsorted(vocab, chars)
+    unknown = (ids >= len(vocab)) | (vocab[ids.clamp(max=max(len(vocab) - 1, 0))] != chars)
+    if unknown.any():
+        tokenizer.encode("".join(chr(c) for c in chars[unknown].tolist()))  # raises, naming them
+    rows = torch.repeat_interleave(torch.arange(len(names)), name_lengths)
+    cols = torch.arange(len(chars)) - torch.repeat_interleave(torch.cumsum(name_lengths, 0) - name_lengths,
+                                                              name_lengths)
+    keep = cols < block_size
+    tokens = torch.full((len(names), block_size + 1), IGNORE_INDEX, dtype=torch.long)
+    tokens[:, 0] = bos
+    tokens[rows[keep], cols[keep] + 1] = ids[keep]
+    ends = name_lengths < block_size  # the closing BOS fits
+    tokens[ends.nonzero().squeeze(1), name_lengths[ends] + 1] = bos
+    lengths = torch.clamp(name_lengths + 2, max=block_size + 1)
     inputs = tokens[:, :-1].clone()
     inputs[inputs == IGNORE_INDEX] = bos
     return {"inputs": inputs, "targets": tokens[:, 1:].clone(), "lengths": lengths - 1}
