@@ -92,7 +92,7 @@ class MicroGPT(L.LightningModule):
         logits = self.gpt(inputs)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         if not torch.isfinite(loss):
-            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer else self.hparams.lr
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer is not None else self.hparams.lr
             raise NonFiniteLoss(
                 f"the training loss is {float(loss)} at step {self.global_step + 1} (lr {lr:.6g}); "
                 "stopped without saving, so the last checkpoint is the last good one."

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from microgpt.cli import main
+from microgpt.errors import UserError
+from microgpt.module import MicroGPT
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "names.yaml")
@@ -53,11 +55,7 @@ def test_directory_instead_of_file_through_the_real_command_line(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--model.n_embd", "10", "--model.n_head", "4"], "--model.n_embd (10) must be divisible by --model.n_head (4)."),
     (["--model.n_embd", "0"], "--model.n_embd must be a positive integer, got 0."),
-    (["--model.n_head", "-1"], "--model.n_head must be a positive integer, got -1."),
-    (["--model.n_layer", "0"], "--model.n_layer must be a positive integer, got 0."),
     (["--model.block_size", "0"], "--data.block_size must be a positive integer, got 0."),
-    (["--model.lr", "0"], "--model.lr must be positive, got 0.0."),
-    (["--model.dropout", "1"], "--model.dropout must be in [0, 1), got 1.0."),
     (["--data.batch_size", "0"], "--data.batch_size must be a positive integer, got 0."),
     (["--data.val_size", "-1"], "--data.val_size must be zero or more, got -1."),
     (["--trainer.max_steps", "0"], "--trainer.max_steps must be a positive integer (or -1 for no limit), got 0."),
@@ -66,6 +64,19 @@ def test_directory_instead_of_file_through_the_real_command_line(tmp_path):
 ])
 def test_out_of_range_settings(tiny_names, tmp_path, capsys, flags, message):
     assert error_line(fit_args(tiny_names, tmp_path, *flags), capsys) == f"microgpt: error: {message}"
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"n_head": -1}, "--model.n_head must be a positive integer, got -1."),
+    ({"n_layer": 0}, "--model.n_layer must be a positive integer, got 0."),
+    ({"lr": 0.0}, "--model.lr must be positive, got 0.0."),
+    ({"dropout": 1.0}, "--model.dropout must be in [0, 1), got 1.0."),
+    ({"warmup_steps": -5}, "--model.warmup_steps must be zero or more, got -5."),
+])
+def test_out_of_range_model_settings_through_the_api(setting, message):
+    with pytest.raises(UserError) as error:
+        MicroGPT(vocab="abc", **setting)
+    assert str(error.value) == message
 
 
 def test_val_size_that_leaves_nothing_to_train_on(tmp_path, capsys):

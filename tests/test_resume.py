@@ -90,7 +90,8 @@ def test_killed_and_signalled_runs_resume_to_the_same_weights_losses_and_samples
     logs = root / "lightning_logs"
     killed = run_and_signal(fit_command(names, root), logs / "version_0", signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
-    assert 0 < ckpt_step(logs / "version_0" / "checkpoints" / "last.ckpt") < STEPS
+    killed_at = ckpt_step(logs / "version_0" / "checkpoints" / "last.ckpt")
+    assert 0 < killed_at < STEPS
 
     stopped_at = []
     for version, signum in [(1, signal.SIGTERM), (2, signal.SIGINT)]:
@@ -122,8 +123,10 @@ def test_killed_and_signalled_runs_resume_to_the_same_weights_losses_and_samples
     pieced = {}
     for version in range(4):  # later runs repeat the steps after the checkpoint they resumed from
         pieced.update(losses(logs / f"version_{version}"))
-    assert pieced == losses(reference)
-    assert len(pieced) == STEPS
+    reference_losses = losses(reference)
+    assert pieced == {step: reference_losses[step] for step in pieced}
+    # SIGKILL may lose the killed run's last unflushed log lines; every later step was logged
+    assert set(range(killed_at, STEPS)) <= pieced.keys() and len(reference_losses) == STEPS
 
     assert samples(resumed.stdout) == samples(straight.stdout)
     assert len(samples(straight.stdout)) == 10
