@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 import warnings
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from microgpt.checkpoint import Stopped, find_last_checkpoint, load_checkpoint
 from microgpt.data import NamesDataModule
@@ -79,6 +81,9 @@ def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
     except Stopped as stop:
         print(f"microgpt: {stop}", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
+    except SIGTERMException:  # Lightning's own stop, for a SIGTERM outside the training steps
+        print("microgpt: stopped by SIGTERM outside training; nothing more was saved.", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as err:
         user_error = user_error_behind(err)
         if user_error is None or os.environ.get("MICROGPT_DEBUG"):
