@@ -10,7 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from microgpt.sample import load_checkpoint, sample_names
+from microgpt.sample import load_model, sample_names
 
 
 @torch.no_grad()
@@ -35,7 +35,7 @@ def main():
     parser.add_argument("--temperature", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    gpt, tokenizer = load_checkpoint(args.ckpt_path)
+    gpt, tokenizer = load_model(args.ckpt_path)
     gpt.eval()
     params = sum(p.numel() for p in gpt.parameters())
     print(f"checkpoint: {args.ckpt_path} ({params} parameters, block_size {gpt.block_size}); "

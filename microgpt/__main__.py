@@ -1,4 +1,4 @@
-"""``python -m microgpt``: LightningCLI's fit/validate/test/predict, plus ``sample`` (torch only, starts fast)."""
+"""``python -m microgpt``: LightningCLI's fit/validate/test/predict, plus ``sample`` (argparse, no LightningCLI)."""
 
 import sys
 

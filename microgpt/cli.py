@@ -6,13 +6,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 import warnings
 
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from microgpt.checkpoint import Stopped, find_last_checkpoint, load_checkpoint
 from microgpt.data import NamesDataModule
 from microgpt.errors import UserError
 from microgpt.module import MicroGPT
@@ -29,6 +32,21 @@ class MicroGPTCLI(LightningCLI):
         parser.link_arguments("model.block_size", "data.block_size", apply_on="parse")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then resolve ``--ckpt_path last`` and check the checkpoint before anything reads it."""
+        super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        if config is None or config.get("ckpt_path") in (None, "best", "hpc"):
+            return
+        if config["ckpt_path"] == "last":
+            root = config["trainer"].get("default_root_dir") or os.getcwd()
+            last = find_last_checkpoint(root)
+            if last is None:
+                rank_zero_warn(f"--ckpt_path last: no last.ckpt under {root}; starting from scratch.")
+            config["ckpt_path"] = None if last is None else str(last)
+        if config["ckpt_path"] is not None:
+            load_checkpoint(config["ckpt_path"])
+
     def before_fit(self) -> None:
         self.fit_started = time.perf_counter()
 
@@ -38,7 +56,7 @@ class MicroGPTCLI(LightningCLI):
         if trainer.interrupted or model.last_train_loss is None:
             return
         val_loss = trainer.callback_metrics.get("val/loss")
-        if trainer.limit_val_batches and (val_loss is None or getattr(model, "val_step", None) != trainer.global_step):
+        if trainer.limit_val_batches and (val_loss is None or model.validated_at_step != trainer.global_step):
             trainer.validate(model, datamodule=self.datamodule, verbose=False)
             val_loss = trainer.callback_metrics.get("val/loss")
         seconds = time.perf_counter() - self.fit_started
@@ -60,8 +78,27 @@ def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
             parser_kwargs={"prog": "microgpt"},
             save_config_kwargs={"overwrite": True},
         )
-    except UserError as err:
-        if os.environ.get("MICROGPT_DEBUG"):
+    except Stopped as stop:
+        print(f"microgpt: {stop}", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
+    except SIGTERMException:  # Lightning's own stop, for a SIGTERM outside the training steps
+        print("microgpt: stopped by SIGTERM outside training; nothing more was saved.", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except Exception as err:
+        user_error = user_error_behind(err)
+        if user_error is None or os.environ.get("MICROGPT_DEBUG"):
             raise
-        print(f"microgpt: error: {err}", file=sys.stderr)
+        print(f"microgpt: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def user_error_behind(err: BaseException) -> UserError | None:
+    """``err`` if it is a ``UserError``, else the first one it was raised from (jsonargparse wraps
+    errors raised while it builds a class), else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

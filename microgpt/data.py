@@ -20,6 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from microgpt.errors import UserError
@@ -33,6 +34,8 @@ IGNORE_INDEX = -100  # target value of padded positions; F.cross_entropy skips i
 # Our iterable datasets are read in the main process only, so Lightning's caution about
 # ``__len__`` with several loader workers does not apply.
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
+# The training order is a function of the global step, so resuming mid-epoch is exact without loader state.
+warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
 
 
 def download_names(dest: Path, url: str = NAMES_URL, sha256: str = NAMES_SHA256) -> None:
@@ -60,7 +63,11 @@ def download_names(dest: Path, url: str = NAMES_URL, sha256: str = NAMES_SHA256)
 
 
 def read_names(path: str | os.PathLike) -> list[str]:
-    """The names in a UTF-8 text file, one per line, surrounding whitespace stripped, blank lines dropped."""
+    """The names in a UTF-8 text file, one per line, surrounding whitespace stripped, blank lines dropped.
+
+    Any line ending works (``\\n``, ``\\r\\n``, ``\\r``); duplicates are kept, since how often a name
+    occurs is part of the data; characters are kept exactly as written (no Unicode normalization).
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file.")
@@ -68,7 +75,7 @@ def read_names(path: str | os.PathLike) -> list[str]:
         raise UserError(f"{path}: is a directory, not a file of names.")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is not part of a name
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         raise UserError(f"{path}: line {line} is not valid UTF-8.") from None
@@ -85,14 +92,26 @@ def encode_names(names: list[str], tokenizer: CharTokenizer, block_size: int) ->
     with ``IGNORE_INDEX``) and ``lengths`` (N,), the number of predicted positions of each name.
     """
     bos = tokenizer.bos
-    seqs = [[bos, *tokenizer.encode(name)[:block_size], bos][: block_size + 1] for name in names]
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    flat = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
-    rows = torch.repeat_interleave(torch.arange(len(seqs)), lengths)
-    starts = torch.cumsum(lengths, 0) - lengths
-    cols = torch.arange(len(flat)) - torch.repeat_interleave(starts, lengths)
-    tokens = torch.full((len(seqs), block_size + 1), IGNORE_INDEX, dtype=torch.long)
-    tokens[rows, cols] = flat
+    # Row i is [BOS, first block_size characters, BOS] cut to block_size + 1 tokens, computed for all
+    # names at once: code points -> vocabulary ids (the vocabulary is sorted by code point) -> scatter.
+    name_lengths = torch.tensor([len(name) for name in names], dtype=torch.long)
+    text = "".join(names).encode("utf-32-le")
+    chars = torch.frombuffer(bytearray(text), dtype=torch.int32).long() if text else torch.zeros(0, dtype=torch.long)
+    vocab = torch.tensor([ord(c) for c in tokenizer.chars], dtype=torch.long)
+    ids = torch.searchsorted(vocab, chars)
+    unknown = (ids >= len(vocab)) | (vocab[ids.clamp(max=max(len(vocab) - 1, 0))] != chars)
+    if unknown.any():
+        tokenizer.encode("".join(chr(c) for c in chars[unknown].tolist()))  # raises, naming them
+    rows = torch.repeat_interleave(torch.arange(len(names)), name_lengths)
+    cols = torch.arange(len(chars)) - torch.repeat_interleave(torch.cumsum(name_lengths, 0) - name_lengths,
+                                                              name_lengths)
+    keep = cols < block_size
+    tokens = torch.full((len(names), block_size + 1), IGNORE_INDEX, dtype=torch.long)
+    tokens[:, 0] = bos
+    tokens[rows[keep], cols[keep] + 1] = ids[keep]
+    ends = name_lengths < block_size  # the closing BOS fits
+    tokens[ends.nonzero().squeeze(1), name_lengths[ends] + 1] = bos
+    lengths = torch.clamp(name_lengths + 2, max=block_size + 1)
     inputs = tokens[:, :-1].clone()
     inputs[inputs == IGNORE_INDEX] = bos
     return {"inputs": inputs, "targets": tokens[:, 1:].clone(), "lengths": lengths - 1}
@@ -125,7 +144,9 @@ class TrainBatches(IterableDataset):
         self.batches_per_epoch = math.ceil(self.num_names / batch_size)
 
     def __len__(self) -> int:
-        return len(self.window())
+        """Batches in a whole epoch, also when resuming mid-epoch: Lightning counts the ones already done,
+        and ``window()`` then yields only the rest."""
+        return self.batches_per_epoch
 
     def positions(self, k: int) -> torch.Tensor:
         """The name indices of this process's slice of global batch ``k``."""
@@ -235,7 +256,8 @@ class NamesDataModule(L.LightningDataModule):
         if self.val_size + self.test_size >= len(names):
             raise UserError(
                 f"{self.path}: --data.val_size {self.val_size} and --data.test_size {self.test_size} leave no "
-                f"training names (the file has {len(names)})."
+                f"training names (the file has {len(names)}); pass smaller sizes, or --data.val_size 0 to train "
+                "on all of them without validation."
             )
         random.Random(self.seed).shuffle(names)
         return names
@@ -274,6 +296,7 @@ class NamesDataModule(L.LightningDataModule):
         model = trainer.lightning_module if trainer else None
         tokenizer = getattr(model, "tokenizer", self.tokenizer)
         if stage == "fit":
+            self.warn_about_long_names()
             self.train_encoded = self.encode(self.train_names, tokenizer, str(self.path))
         if stage in ("fit", "validate"):
             self.val_encoded = self.encode(self.val_names, tokenizer, str(self.path))
@@ -290,6 +313,16 @@ class NamesDataModule(L.LightningDataModule):
                 f"(the model knows {tokenizer.chars!r})."
             )
         return encode_names(names, tokenizer, self.block_size)
+
+    def warn_about_long_names(self) -> None:
+        """One warning when names do not fit the context: they are cut, so the model never sees their end."""
+        longest = max(len(name) for name in self.names)
+        if longest + 1 > self.block_size:  # a name of n characters needs n + 1 input positions
+            cut = sum(len(name) + 1 > self.block_size for name in self.names)
+            rank_zero_warn(
+                f"{self.path}: {cut} of {len(self.names)} names are longer than the context and were cut; "
+                f"--model.block_size {longest + 1} keeps them whole."
+            )
 
     def loader(self, batches: IterableDataset) -> DataLoader:
         """A loader of ready-made batches, with a private generator so that iterating never draws

@@ -10,10 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
+from microgpt.checkpoint import FORMAT, FORMAT_KEY
 from microgpt.data import IGNORE_INDEX
-from microgpt.tokenizer import CharTokenizer
+from microgpt.errors import UserError
 from microgpt.model import GPT
 from microgpt.sample import sample_names
+from microgpt.tokenizer import CharTokenizer
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or infinite; the run stops without saving."""
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> float:
@@ -66,6 +72,9 @@ class MicroGPT(L.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
+        check_hyperparameters(n_embd=n_embd, n_head=n_head, n_layer=n_layer, block_size=block_size,
+                              dropout=dropout, lr=lr, eps=eps, weight_decay=weight_decay,
+                              warmup_steps=warmup_steps, min_lr=min_lr)
         self.save_hyperparameters()
         self.tokenizer = CharTokenizer(vocab)
         self.gpt = GPT(self.tokenizer.vocab_size, n_embd, n_head, n_layer, block_size, dropout)
@@ -74,6 +83,7 @@ class MicroGPT(L.LightningModule):
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
         self.last_train_loss: torch.Tensor | None = None
+        self.validated_at_step: int | None = None  # the optimizer step of the latest validation
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.gpt(idx)
@@ -111,6 +121,12 @@ class MicroGPT(L.LightningModule):
         else:
             loss = nll / count
             batch_loss = loss.detach()
+        if not torch.isfinite(batch_loss):  # the same global value on every process, so all stop together
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            raise NonFiniteLoss(
+                f"the training loss is {float(batch_loss)} at step {self.global_step + 1} (lr {lr:.6g}); "
+                "stopped without saving, so the last checkpoint is the last good one."
+            )
         self.last_train_loss = batch_loss
         if self.logs_this_step():
             # Loggers only: Lightning turns progress-bar metrics into Python floats after every step,
@@ -135,6 +151,8 @@ class MicroGPT(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log_split("val", self.val_nll)
+        if not self.trainer.sanity_checking:
+            self.validated_at_step = self.trainer.global_step
 
     def on_test_epoch_end(self) -> None:
         self.log_split("test", self.test_nll)
@@ -145,6 +163,26 @@ class MicroGPT(L.LightningModule):
         nll.reset()
         self.log_dict({f"{split}/loss": loss, f"{split}/ppl": loss.exp(), f"{split}/bpc": loss / math.log(2)},
                       prog_bar=split == "val")
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and (self.trainer.max_steps == 0 or self.trainer.max_steps < -1):
+            raise UserError(f"--trainer.max_steps must be a positive integer (or -1 for no limit), "
+                            f"got {self.trainer.max_steps}.")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the format version and the random state that dropout and sampling draw from."""
+        checkpoint[FORMAT_KEY] = FORMAT
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the random state, so a resumed run draws exactly what the uninterrupted run drew."""
+        rng = checkpoint.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -160,3 +198,19 @@ class MicroGPT(L.LightningModule):
             optimizer, lambda step: lr_factor(step, total, hp.warmup_steps, hp.min_lr / hp.lr)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def check_hyperparameters(**values: float) -> None:
+    """Refuse model settings that cannot work, naming the flag, in one sentence."""
+    for name in ("n_embd", "n_head", "n_layer", "block_size"):
+        if values[name] < 1:
+            raise UserError(f"--model.{name} must be a positive integer, got {values[name]}.")
+    if values["n_embd"] % values["n_head"]:
+        raise UserError(f"--model.n_embd ({values['n_embd']}) must be divisible by --model.n_head ({values['n_head']}).")
+    if not 0 <= values["dropout"] < 1:
+        raise UserError(f"--model.dropout must be in [0, 1), got {values['dropout']}.")
+    if not values["lr"] > 0:
+        raise UserError(f"--model.lr must be positive, got {values['lr']}.")
+    for name in ("eps", "weight_decay", "warmup_steps", "min_lr"):
+        if not values[name] >= 0:
+            raise UserError(f"--model.{name} must be zero or more, got {values[name]}.")

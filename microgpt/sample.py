@@ -1,7 +1,7 @@
 """Inventing names, and the ``sample`` command that does it from a checkpoint alone.
 
 ``python -m microgpt sample --ckpt_path K [--num_samples N] [--temperature T] [--top_k K] [--prefix P]
-[--seed S] [--output FILE]``. Loading needs only torch: the vocabulary and sizes are in the checkpoint.
+[--seed S] [--output FILE]``. The checkpoint alone is enough: the vocabulary and sizes are inside it.
 """
 
 from __future__ import annotations
@@ -37,19 +37,14 @@ def sample_names(gpt: GPT, tokenizer: CharTokenizer, num_samples: int, temperatu
     return [prefix + tokenizer.decode(s) for s in ids]
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple[GPT, CharTokenizer]:
-    """The GPT and its vocabulary from a microgpt checkpoint (loaded with ``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file." if not path.exists() else f"{path}: is not a file.")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many types for files that are not (whole) checkpoints
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({reason[:200]}).") from None
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, dict) or "vocab" not in hparams or "state_dict" not in checkpoint:
-        raise UserError(f"{path}: not a microgpt checkpoint (no vocabulary or weights inside).")
+def load_model(path: str | os.PathLike, map_location: str = "cpu") -> tuple[GPT, CharTokenizer]:
+    """The GPT and its vocabulary from a microgpt checkpoint (read with ``weights_only=True``)."""
+    from microgpt.checkpoint import load_checkpoint  # imports Lightning: only when a checkpoint is read
+
+    checkpoint = load_checkpoint(path, map_location)
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict) or "vocab" not in hparams:
+        raise UserError(f"{path}: not a microgpt checkpoint (no vocabulary inside).")
     tokenizer = CharTokenizer(hparams["vocab"])
     sizes = {k: hparams[k] for k in inspect.signature(GPT).parameters if k in hparams}
     gpt = GPT(tokenizer.vocab_size, **sizes)
@@ -87,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device to sample on (default cpu)")
     args = parser.parse_args(argv)
     try:
-        gpt, tokenizer = load_checkpoint(args.ckpt_path, args.device)
+        gpt, tokenizer = load_model(args.ckpt_path, args.device)
         generator = None if args.seed is None else torch.Generator(args.device).manual_seed(args.seed)
         names = sample_names(gpt, tokenizer, args.num_samples, args.temperature, args.top_k, args.prefix, generator)
         text = "".join(f"{name}\n" for name in names)
