@@ -37,9 +37,11 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = n_head
         self.dropout = dropout
-        # q, k and v in one matrix (rows in that order): one matmul instead of three, and the same
-        # random draws as three separate n_embd x n_embd layers built and initialised in turn.
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        # Three matrices, not one fused (3C x C) matmul: the fused one draws the same initial weights but
+        # rounds differently in float32, and the seed recipe must match the reference loop to 1e-5.
+        self.q = nn.Linear(n_embd, n_embd, bias=False)
+        self.k = nn.Linear(n_embd, n_embd, bias=False)
+        self.v = nn.Linear(n_embd, n_embd, bias=False)
         self.o = nn.Linear(n_embd, n_embd, bias=False)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +53,7 @@ class CausalSelfAttention(nn.Module):
         """Attend causally; with a ``cache``, ``x`` holds positions ``start..start+T-1`` and the
         cache supplies the earlier ones (either ``start == 0`` or one new position at a time)."""
         B, T, C = x.shape
-        q, k, v = map(self.split_heads, self.qkv(x).split(C, dim=-1))
+        q, k, v = self.split_heads(self.q(x)), self.split_heads(self.k(x)), self.split_heads(self.v(x))
         if cache is not None:
             cache.k[:, :, start : start + T] = k
             cache.v[:, :, start : start + T] = v

@@ -151,7 +151,7 @@ class MicroGPT(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log_split("val", self.val_nll)
-        if not self.trainer.sanity_checking:
+        if self._trainer is not None and not self.trainer.sanity_checking:
             self.validated_at_step = self.trainer.global_step
 
     def on_test_epoch_end(self) -> None:

@@ -62,8 +62,8 @@ def attention_formula(q, k, v, n_head):
 
 def attention_fused(q, k, v, n_head):
     T, C = q.shape
-    q, k, v = (t.view(T, n_head, C // n_head).transpose(0, 1) for t in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1).reshape(T, C)
+    q, k, v = (t.view(1, T, n_head, C // n_head).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(T, C)
 
 
 def forward(w, tokens, n_head=4, n_layer=1, spelled_out=False):

@@ -83,15 +83,15 @@ def test_val_size_that_leaves_nothing_to_train_on(tmp_path, capsys):
     names = tmp_path / "names.txt"
     names.write_text("anna\nbob\ncarla\n")
     assert error_line(fit_args(names, tmp_path, "--data.val_size", "3"), capsys) == (
-        f"microgpt: error: {names}: --data.val_size 3 leaves no training names (the file has 3); "
-        "pass a smaller --data.val_size, or 0 to train on all of them without validation."
+        f"microgpt: error: {names}: --data.val_size 3 and --data.test_size 0 leave no training names "
+        "(the file has 3); pass smaller sizes, or --data.val_size 0 to train on all of them without validation."
     )
 
 
 def test_a_file_of_a_single_name_trains_with_val_size_zero(tmp_path, capsys):
     names = tmp_path / "names.txt"
     names.write_text("zoë\n")
-    assert "--data.val_size 1000 leaves no training names (the file has 1)" in error_line(
+    assert "--data.val_size 1000 and --data.test_size 0 leave no training names (the file has 1)" in error_line(
         fit_args(names, tmp_path, "--data.val_size", "1000"), capsys)
 
     cli = main(fit_args(names, tmp_path, "--data.val_size", "0"))

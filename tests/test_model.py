@@ -35,7 +35,7 @@ def test_init_draws_and_zeroed_projections():
     for block in model.blocks:
         assert torch.count_nonzero(block.attn.o.weight) == 0
         assert torch.count_nonzero(block.mlp.fc2.weight) == 0
-    drawn = torch.cat([model.wte.weight.flatten(), model.blocks[0].attn.qkv.weight.flatten(),
+    drawn = torch.cat([model.wte.weight.flatten(), model.blocks[0].attn.q.weight.flatten(),
                        model.blocks[1].mlp.fc1.weight.flatten(), model.lm_head.weight.flatten()])
     assert abs(drawn.mean().item()) < 0.002
     assert drawn.std().item() == pytest.approx(0.02, rel=0.05)
@@ -60,7 +60,7 @@ def test_forward_equals_spelled_out_formulas_in_float64():
     x = norm(model.wte.weight[idx] + model.wpe.weight[:6])
     for b in model.blocks:
         h = norm(x)
-        q, k, v = (h @ w.T for w in b.attn.qkv.weight.chunk(3))
+        q, k, v = (h @ lin.weight.T for lin in (b.attn.q, b.attn.k, b.attn.v))
         q, k, v = (t.view(2, 6, 3, 4).transpose(1, 2) for t in (q, k, v))
         att = q @ k.transpose(-1, -2) / math.sqrt(4)
         att = att.masked_fill(torch.triu(torch.ones(6, 6, dtype=torch.bool), 1), float("-inf")).softmax(-1)
