@@ -17,7 +17,8 @@ from torch import nn
 
 
 def load_split(path, val_size=1000, seed=42):
-    names = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
     random.seed(seed)
     random.shuffle(names)
     chars = sorted(set("".join(names)))

@@ -20,7 +20,7 @@ CONFIG = str(ROOT / "configs" / "names.yaml")
 def microgpt(*args, cwd=None):
     """Run ``python -m microgpt ARGS`` in a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "microgpt", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "microgpt", *map(str, args)], check=False, capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=240)
 
 
@@ -38,11 +38,11 @@ def fitted(tmp_path_factory):
 
 def test_fit_prints_samples_and_summary(fitted):
     _, _, result = fitted
-    samples = re.findall(r"^sample +(\d+): (.*)$", result.stdout, flags=re.M)
+    samples = re.findall(r"^sample +(\d+): (.*)$", result.stdout, flags=re.MULTILINE)
     assert [int(i) for i, _ in samples] == list(range(1, 21))
     assert all(set(name) <= set("abcdefghijklnortuv") for _, name in samples)
     summary = re.findall(r"^final: step (\d+) \| train loss (\d+\.\d{4}) \| val loss (\d+\.\d{4}) \| ([\d.]+) s$",
-                         result.stdout + result.stderr, flags=re.M)
+                         result.stdout + result.stderr, flags=re.MULTILINE)
     assert len(summary) == 1 and summary[0][0] == "7"
 
 
@@ -52,7 +52,7 @@ def test_fit_writes_checkpoints_config_and_samples(fitted):
     assert (version / "checkpoints" / "last.ckpt").is_file()
     assert (version / "config.yaml").is_file()
     saved = (version / "samples.txt").read_text().splitlines()
-    printed = re.findall(r"^sample +\d+: (.*)$", result.stdout, flags=re.M)
+    printed = re.findall(r"^sample +\d+: (.*)$", result.stdout, flags=re.MULTILINE)
     assert saved == printed
 
 
@@ -102,3 +102,18 @@ def test_missing_data_file_is_one_line_and_exit_code_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"microgpt: error: {tmp_path / 'nope.txt'}: no such file."
     assert "Traceback" not in result.stderr
+
+
+def test_test_path_with_characters_outside_the_checkpoint_vocabulary_is_one_line(fitted, tmp_path, capsys):
+    tmp, names, _ = fitted
+    ckpt = tmp / "run" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    other = tmp_path / "other.txt"
+    other.write_text("anna\nzoë\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", CONFIG, "--data.path", str(names), "--data.val_size", "3", "--ckpt_path", str(ckpt),
+              "--data.test_path", str(other), "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])
+    assert exit_info.value.code == 2
+    known = "".join(sorted(set(names.read_text().replace("\n", ""))))
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"microgpt: error: {other}: characters outside the model's vocabulary: 'zë' (the model knows {known!r})."
+    )

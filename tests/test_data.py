@@ -6,13 +6,13 @@ import random
 import pytest
 
 from microgpt.data import IGNORE_INDEX, NamesDataModule, download_names, encode_names, read_names
-from microgpt.tokenizer import CharTokenizer
 from microgpt.errors import UserError
+from microgpt.tokenizer import CharTokenizer
 
 
 def test_read_names_strips_and_drops_blank_lines(tmp_path):
     path = tmp_path / "n.txt"
-    path.write_bytes("  anna \r\n\r\nbob\n\t\ncarla".encode())
+    path.write_bytes(b"  anna \r\n\r\nbob\n\t\ncarla")
     assert read_names(path) == ["anna", "bob", "carla"]
 
 

@@ -10,7 +10,6 @@ from microgpt.callbacks import novelty
 from microgpt.data import NamesDataModule, encode_names
 from microgpt.errors import UserError
 from microgpt.module import MicroGPT, lr_factor
-from microgpt.tokenizer import CharTokenizer
 
 
 def trained_looking_model(vocab="abcde", seed=0, **kw):
@@ -109,7 +108,7 @@ def test_shuffle_visits_every_name_once_per_pass_in_a_new_order(tmp_path):
     dm.setup("fit")
     batches = dm.train_dataloader().dataset
     first = torch.cat([batches.positions(k) for k in range(28 // 4)])[:28]
-    passes = torch.cat([batches.positions(k) for k in range(0, 12)])  # 60 positions: two passes and a bit
+    passes = torch.cat([batches.positions(k) for k in range(12)])  # 60 positions: two passes and a bit
     assert sorted(passes[:28].tolist()) == list(range(28)) == sorted(passes[28:56].tolist())
     assert passes[:28].tolist() != passes[28:56].tolist() != list(range(28))
     assert first.tolist() == passes[:28].tolist()

@@ -22,7 +22,7 @@ def test_n_embd_not_divisible_by_n_head_is_a_clear_error():
 
 @pytest.mark.parametrize("field", ["n_embd", "n_head", "n_layer", "block_size", "vocab_size"])
 def test_non_positive_sizes_are_refused(field):
-    kwargs = dict(vocab_size=5, n_embd=16, n_head=4, n_layer=1, block_size=8)
+    kwargs = {"vocab_size": 5, "n_embd": 16, "n_head": 4, "n_layer": 1, "block_size": 8}
     kwargs[field] = 0
     with pytest.raises(ValueError, match=field):
         GPT(**kwargs)

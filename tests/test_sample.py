@@ -67,7 +67,7 @@ def test_cache_gives_full_forward_probabilities_for_a_batch():
 
 def test_generation_is_reproducible_with_a_seed_and_names_stop_correctly():
     model = noisy_model()
-    draw = lambda seed: model.generate([END], 50, END, temperature=1.0, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    draw = lambda seed: model.generate([END], 50, END, temperature=1.0, generator=torch.Generator().manual_seed(seed))
     first = draw(1)
     assert first == draw(1) and first != draw(2)
     assert all(len(s) <= model.block_size and END not in s for s in first)
@@ -103,7 +103,7 @@ def checkpoint(tmp_path_factory):
 
 def sample_cmd(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "microgpt", "sample", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "microgpt", "sample", *map(str, args)], check=False, capture_output=True,
                           text=True, env=env, timeout=120)
 
 
