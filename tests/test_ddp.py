@@ -20,7 +20,8 @@ STEPS = 4
 
 
 def common_args(names: Path, root: Path) -> list[str]:
-    return ["--config", CONFIG, "--data.path", str(names), "--data.val_size", "8", "--data.batch_size", "8",
+    return ["--config", CONFIG, "--data.path", str(names), "--data.val_size", "8", "--data.test_size", "0",
+            "--data.batch_size", "8",
             "--data.eval_batch_size", "3", "--trainer.max_steps", str(STEPS), "--trainer.accelerator", "cpu",
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root)]
 
