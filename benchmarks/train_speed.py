@@ -187,7 +187,7 @@ def plain_script(names: Path) -> None:
         held_out = [encode(name) for name in val]
         nll = sum(F.cross_entropy(gpt(t[None, :-1])[0], t[1:], reduction="sum") for t in held_out)
     print(f"val loss {float(nll) / sum(len(t) - 1 for t in held_out):.4f}")
-    for i, ids in enumerate(gpt.generate(bos, 20), 1):
+    for i, ids in enumerate(gpt.generate([bos], 20, bos, temperature=0.5), 1):
         print(f"sample {i:2d}: {''.join(chars[t] for t in ids)}")
     torch.save(gpt.state_dict(), "plain_seed.pt")
 
