@@ -29,7 +29,7 @@ def fitted(tmp_path_factory):
     """One short run of the seed recipe on a tiny file, through the real command line."""
     tmp = tmp_path_factory.mktemp("fit")
     names = tmp / "names.txt"
-    names.write_text("\n".join(["anna", "bob", "carla", "dave", "eve", "fiona", "greg", "hana", "ivan", "julia"]))
+    names.write_text("anna\nbob\ncarla\ndave\neve\nfiona\ngreg\nhana\nivan\njulia")
     result = microgpt("fit", "--config", CONFIG, "--data.path", names, "--data.val_size", 3,
                       "--trainer.max_steps", 7, "--trainer.default_root_dir", tmp / "run")
     assert result.returncode == 0, result.stderr[-3000:]

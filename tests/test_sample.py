@@ -94,7 +94,7 @@ def test_top_k_never_draws_outside_the_k_likeliest():
 def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
     names = tmp / "names.txt"
-    names.write_text("\n".join(["anna", "bob", "carla", "dave", "eve", "fiona", "greg", "hana", "mara", "maja"]))
+    names.write_text("anna\nbob\ncarla\ndave\neve\nfiona\ngreg\nhana\nmara\nmaja")
     cli = main(["--config", CONFIG, "--data.path", str(names), "--data.val_size", "2", "--trainer.max_steps", "5",
                 "--trainer.default_root_dir", str(tmp), "--trainer.enable_progress_bar", "false"], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
