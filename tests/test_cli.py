@@ -1,5 +1,6 @@
 """The command line, driven as a user drives it."""
 
+import math
 import os
 import re
 import subprocess
@@ -117,3 +118,13 @@ def test_test_path_with_characters_outside_the_checkpoint_vocabulary_is_one_line
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"microgpt: error: {other}: characters outside the model's vocabulary: 'zë' (the model knows {known!r})."
     )
+
+
+@pytest.mark.parametrize("recipe", ["names-batched.yaml", "names-best.yaml"])
+def test_recipes_parse_and_train_a_few_steps(recipe, tiny_names, tmp_path):
+    cli = main(["fit", "--config", str(ROOT / "configs" / recipe), "--data.path", str(tiny_names),
+                "--data.val_size", "3", "--data.test_size", "3", "--trainer.max_steps", "3",
+                "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    assert cli.trainer.global_step == 3
+    assert math.isfinite(float(cli.trainer.callback_metrics["val/loss"]))
+    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
