@@ -11,7 +11,6 @@ import hashlib
 import math
 import os
 import random
-import tempfile
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
+from microgpt.checkpoint import atomic_write
 from microgpt.errors import UserError
 from microgpt.tokenizer import CharTokenizer
 
@@ -49,17 +49,7 @@ def download_names(dest: Path, url: str = NAMES_URL, sha256: str = NAMES_SHA256)
         ) from None
     if hashlib.sha256(payload).hexdigest() != sha256:
         raise UserError(f"the file downloaded from {url} does not have the expected sha256; nothing was saved.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(dest, lambda f: f.write(payload))
 
 
 def read_names(path: str | os.PathLike) -> list[str]:
@@ -306,13 +296,14 @@ class NamesDataModule(L.LightningDataModule):
 
     def encode(self, names: list[str], tokenizer: CharTokenizer, source: str) -> dict[str, torch.Tensor]:
         """Tokenize names, refusing characters outside the vocabulary with one sentence naming them."""
-        unknown = tokenizer.unknown("".join(names))
-        if unknown:
+        try:
+            return encode_names(names, tokenizer, self.block_size)
+        except UserError:  # name the file and every unknown character (only on this failure path)
+            unknown = tokenizer.unknown("".join(names))
             raise UserError(
                 f"{source}: characters outside the model's vocabulary: {''.join(unknown)!r} "
                 f"(the model knows {tokenizer.chars!r})."
-            )
-        return encode_names(names, tokenizer, self.block_size)
+            ) from None
 
     def warn_about_long_names(self) -> None:
         """One warning when names do not fit the context: they are cut, so the model never sees their end."""
