@@ -118,16 +118,12 @@ class TrainBatches(IterableDataset):
 
     Global batch ``k`` holds stream positions ``k*B .. k*B+B-1``; position ``p`` is name ``p % N``
     of pass ``p // N`` over the names (every pass in the given order, or reshuffled per pass when
-    ``shuffle`` is set). With ``bucket_batches`` M > 1, the names of global batches ``jM .. jM+M-1``
-    are sorted by length and cut into M batches again, which then come in a seeded random order,
-    so that each batch holds names of similar length and pads less. A process of rank ``r`` out of
-    ``W`` gets the ``r``-th of ``W`` equal slices of every global batch. Each iteration yields the
-    global batches ``window()`` returns.
+    ``shuffle`` is set). A process of rank ``r`` out of ``W`` gets the ``r``-th of ``W`` equal
+    slices of every global batch. Each iteration yields the global batches ``window()`` returns.
     """
 
     def __init__(self, encoded: dict[str, torch.Tensor], batch_size: int, window: Callable[[], range],
-                 shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 bucket_batches: int = 1):
+                 shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.encoded = encoded
         self.num_names = len(encoded["lengths"])
         self.batch_size = batch_size
@@ -135,7 +131,6 @@ class TrainBatches(IterableDataset):
         self.shuffle = shuffle
         self.seed = seed
         self.rank, self.world_size = rank, world_size
-        self.bucket_batches = bucket_batches
         self.batches_per_epoch = math.ceil(self.num_names / batch_size)
 
     def __len__(self) -> int:
@@ -145,33 +140,14 @@ class TrainBatches(IterableDataset):
 
     def positions(self, k: int) -> torch.Tensor:
         """The name indices of this process's slice of global batch ``k``."""
-        if self.bucket_batches > 1:
-            batch = self.bucket(k // self.bucket_batches)[k % self.bucket_batches]
-        else:
-            batch = self.stream(k * self.batch_size, self.batch_size)
         per_rank = self.batch_size // self.world_size
-        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
-
-    def stream(self, start: int, count: int) -> torch.Tensor:
-        """The name indices at stream positions ``start .. start+count-1``."""
-        p = start + torch.arange(count)
+        p = k * self.batch_size + self.rank * per_rank + torch.arange(per_rank)
         idx = p % self.num_names
         if self.shuffle:
             passes = p // self.num_names
             for n in passes.unique().tolist():
                 idx[passes == n] = self.permutation(n)[idx[passes == n]]
         return idx
-
-    def bucket(self, j: int) -> torch.Tensor:
-        """Global batches ``jM .. jM+M-1`` as an (M, B) tensor of name indices: their names sorted by
-        length, cut into batches, the batches in an order seeded by ``j`` (the latest one is cached)."""
-        if getattr(self, "_bucket", (None,))[0] != j:
-            M, B = self.bucket_batches, self.batch_size
-            names = self.stream(j * M * B, M * B)
-            by_length = names[torch.sort(self.encoded["lengths"][names], stable=True).indices].view(M, B)
-            order = torch.randperm(M, generator=torch.Generator().manual_seed(self.seed + j))
-            self._bucket = (j, by_length[order])
-        return self._bucket[1]
 
     def permutation(self, n: int) -> torch.Tensor:
         """The order of pass ``n`` over the names when shuffling (the latest one is cached)."""
@@ -212,8 +188,6 @@ class NamesDataModule(L.LightningDataModule):
         test_size: Number of names held out for testing, the very last ones; 0 tests on the validation names.
         test_path: A separate file of names to test on instead of the held-out split.
         shuffle: Reshuffle the training names at every pass instead of keeping the seed's order.
-        bucket_batches: Sort the names of every this many consecutive batches by length and regroup them into
-            batches (in a seeded random order), so that batches pad less and train faster; 1 keeps the order.
         predict_size: How many names the predict command invents.
         predict_prefix: Names invented by predict start with these characters.
         predict_temperature: Softmax temperature of predict's draws, positive.
@@ -231,7 +205,6 @@ class NamesDataModule(L.LightningDataModule):
         test_size: int = 0,
         test_path: str | None = None,
         shuffle: bool = False,
-        bucket_batches: int = 1,
         predict_size: int = 20,
         predict_prefix: str = "",
         predict_temperature: float = 0.5,
@@ -241,7 +214,7 @@ class NamesDataModule(L.LightningDataModule):
     ):
         super().__init__()
         for name, value in [("block_size", block_size), ("batch_size", batch_size),
-                            ("bucket_batches", bucket_batches), ("eval_batch_size", eval_batch_size)]:
+                            ("eval_batch_size", eval_batch_size)]:
             if value < 1:
                 raise UserError(f"--data.{name} must be a positive integer, got {value}.")
         for name, value in [("val_size", val_size), ("test_size", test_size)]:
@@ -255,7 +228,6 @@ class NamesDataModule(L.LightningDataModule):
         self.test_size = test_size
         self.test_path = test_path
         self.shuffle = shuffle
-        self.bucket_batches = bucket_batches
         self.predict_request = {"prefix": predict_prefix, "temperature": predict_temperature, "top_k": predict_top_k}
         self.predict_size = predict_size
         self.seed = seed
@@ -359,8 +331,7 @@ class NamesDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         batches = TrainBatches(self.train_encoded, self.batch_size, self.epoch_window, shuffle=self.shuffle,
-                               seed=self.seed, rank=self.rank, world_size=self.world_size,
-                               bucket_batches=self.bucket_batches)
+                               seed=self.seed, rank=self.rank, world_size=self.world_size)
         return self.loader(batches)
 
     def val_dataloader(self) -> DataLoader:

@@ -57,7 +57,6 @@ def test_directory_instead_of_file_through_the_real_command_line(tmp_path):
     (["--model.n_embd", "0"], "--model.n_embd must be a positive integer, got 0."),
     (["--model.block_size", "0"], "--data.block_size must be a positive integer, got 0."),
     (["--data.batch_size", "0"], "--data.batch_size must be a positive integer, got 0."),
-    (["--data.bucket_batches", "0"], "--data.bucket_batches must be a positive integer, got 0."),
     (["--data.val_size", "-1"], "--data.val_size must be zero or more, got -1."),
     (["--trainer.max_steps", "0"], "--trainer.max_steps must be a positive integer (or -1 for no limit), got 0."),
     (["--trainer.callbacks", '[{"class_path": "microgpt.callbacks.SampleNames", "init_args": {"temperature": 0}}]'],

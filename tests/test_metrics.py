@@ -1,7 +1,6 @@
 """Held-out metrics, padding, the optimizer's parameter groups and the learning-rate schedule."""
 
 import math
-from itertools import pairwise
 
 import lightning as L
 import pytest
@@ -113,37 +112,6 @@ def test_shuffle_visits_every_name_once_per_pass_in_a_new_order(tmp_path):
     assert sorted(passes[:28].tolist()) == list(range(28)) == sorted(passes[28:56].tolist())
     assert passes[:28].tolist() != passes[28:56].tolist() != list(range(28))
     assert first.tolist() == passes[:28].tolist()
-
-
-def test_length_buckets_regroup_the_same_names_into_batches_that_pad_less(tmp_path):
-    path = tmp_path / "n.txt"
-    path.write_text("\n".join("x" * (1 + i * 7 % 12) for i in range(98)))  # lengths 1..12, mixed up
-    kwargs = {"path": str(path), "block_size": 16, "batch_size": 4, "val_size": 2, "shuffle": True}
-    plain, bucketed = NamesDataModule(**kwargs), NamesDataModule(**kwargs, bucket_batches=3)
-    plain.setup("fit")
-    bucketed.setup("fit")
-    lengths = plain.train_encoded["lengths"]
-    plain_batches, bucketed_batches = plain.train_dataloader().dataset, bucketed.train_dataloader().dataset
-    padded = {"plain": 0, "bucketed": 0}
-    for j in range(60 // 3):  # 240 stream positions: two passes and a half over the 96 names
-        ks = range(3 * j, 3 * j + 3)
-        before = torch.stack([plain_batches.positions(k) for k in ks])
-        after = torch.stack([bucketed_batches.positions(k) for k in ks])
-        # the same names, each trained on as often as before, only regrouped
-        assert sorted(after.flatten().tolist()) == sorted(before.flatten().tolist())
-        # regrouped by length: no batch's lengths interleave with another's
-        spans = sorted((int(lengths[b].min()), int(lengths[b].max())) for b in after)
-        assert all(high <= next_low for (_, high), (next_low, _) in pairwise(spans))
-        padded["plain"] += sum(int(lengths[b].max()) * len(b) for b in before)
-        padded["bucketed"] += sum(int(lengths[b].max()) * len(b) for b in after)
-    assert padded["bucketed"] < 0.8 * padded["plain"]
-    # the order is a function of the batch number alone (so resuming is exact) but not sorted overall
-    again = NamesDataModule(**kwargs, bucket_batches=3)
-    again.setup("fit")
-    first = [bucketed_batches.positions(k).tolist() for k in range(12)]
-    assert [again.train_dataloader().dataset.positions(k).tolist() for k in reversed(range(12))] == first[::-1]
-    maxima = [int(lengths[b].max()) for b in map(torch.tensor, first)]
-    assert maxima != sorted(maxima)
 
 
 def test_novelty_shares():
