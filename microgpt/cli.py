@@ -23,6 +23,11 @@ from microgpt.module import MicroGPT
 # Noise from inside the installed Lightning, not about anything a user of microgpt can change.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 warnings.filterwarnings("ignore", message=r".*skip_none parameter was deprecated")
+# validate/test/predict with a weight-averaging recipe: the checkpoint's state_dict already holds the
+# averaged weights, which is what those commands should score, so there is nothing to restore.
+warnings.filterwarnings("ignore", message=r".*WeightAveraging callback, but loading a checkpoint outside the 'fit'")
+# validate/test from a run's checkpoint writes nothing, so the checkpoint callback's new folder does not matter
+warnings.filterwarnings("ignore", message=r".*The dirpath has changed from")
 
 
 class MicroGPTCLI(LightningCLI):

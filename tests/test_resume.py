@@ -132,6 +132,37 @@ def test_killed_and_signalled_runs_resume_to_the_same_weights_losses_and_samples
     assert len(samples(straight.stdout)) == 10
 
 
+def test_a_run_with_weight_averaging_resumes_to_the_same_average_and_weights(names, tmp_path):
+    """``names-best.yaml`` keeps an exponential moving average of the weights (Lightning's EMAWeightAveraging):
+    a stopped run continues both the trained weights and their average exactly."""
+    callbacks = CALLBACKS[:-1] + (', {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",'
+                                  ' "init_args": {"decay": 0.9}}]')
+    straight_run = subprocess.Popen(fit_command(names, tmp_path / "straight", "--trainer.callbacks", callbacks),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    logs = tmp_path / "interrupted" / "lightning_logs"
+    stopped = run_and_signal(fit_command(names, tmp_path / "interrupted", "--trainer.callbacks", callbacks),
+                             logs / "version_0", signal.SIGTERM)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert 0 < ckpt_step(logs / "version_0" / "checkpoints" / "last.ckpt") < STEPS
+    resumed = run(fit_command(names, tmp_path / "interrupted", "--trainer.callbacks", callbacks,
+                              "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight_stdout, straight_stderr = straight_run.communicate(timeout=240)
+    assert straight_run.returncode == 0, straight_stderr[-3000:]
+
+    expected = torch.load(tmp_path / "straight" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
+                          weights_only=True)
+    actual = torch.load(logs / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert expected["global_step"] == actual["global_step"] == STEPS
+    for part in ("state_dict", "current_model_state"):  # the average, and the weights being trained
+        assert expected[part].keys() == actual[part].keys()
+        for key, value in expected[part].items():
+            assert torch.equal(value, actual[part][key]), (part, key)
+    average, current = expected["state_dict"], expected["current_model_state"]
+    assert not all(torch.equal(average[key], current[key]) for key in average)
+    assert samples(resumed.stdout) == samples(straight_stdout)
+
+
 def test_last_checkpoint_is_replaced_only_by_a_complete_one(tmp_path, monkeypatch):
     path = tmp_path / "checkpoints" / "last.ckpt"
     atomic_torch_save({"global_step": 1}, path)
