@@ -1,6 +1,7 @@
 """Interrupted runs continue exactly; checkpoints are written atomically and read safely."""
 
 import csv
+import json
 import math
 import os
 import re
@@ -21,10 +22,11 @@ CONFIG = str(ROOT / "configs" / "names.yaml")
 STEPS = 150
 EVERY = 10
 
-CALLBACKS = (
-    f'[{{"class_path": "microgpt.checkpoint.RunCheckpoint", "init_args": {{"every_n_train_steps": {EVERY}}}}},'
-    ' {"class_path": "microgpt.callbacks.SampleNames", "init_args": {"num_samples": 10}}]'
-)
+CALLBACK_LIST = [
+    {"class_path": "microgpt.checkpoint.RunCheckpoint", "init_args": {"every_n_train_steps": EVERY}},
+    {"class_path": "microgpt.callbacks.SampleNames", "init_args": {"num_samples": 10}},
+]
+CALLBACKS = json.dumps(CALLBACK_LIST)
 
 
 def fit_command(names: Path, root: Path, *extra) -> list[str]:
@@ -66,6 +68,12 @@ def losses(version_dir: Path) -> dict[int, str]:
 
 def samples(stdout: str) -> list[str]:
     return re.findall(r"^sample +\d+: (.*)$", stdout, flags=re.MULTILINE)
+
+
+def assert_same_tensors(expected: dict, actual: dict, label: str = "state_dict") -> None:
+    assert expected.keys() == actual.keys()
+    for key, value in expected.items():
+        assert torch.equal(value, actual[key]), (label, key)
 
 
 def ckpt_step(path: Path) -> int:
@@ -116,9 +124,7 @@ def test_killed_and_signalled_runs_resume_to_the_same_weights_losses_and_samples
     expected = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
     actual = torch.load(logs / "version_3" / "checkpoints" / "last.ckpt", weights_only=True)
     assert expected["global_step"] == actual["global_step"] == STEPS
-    assert expected["state_dict"].keys() == actual["state_dict"].keys()
-    for key, value in expected["state_dict"].items():
-        assert torch.equal(value, actual["state_dict"][key]), key
+    assert_same_tensors(expected["state_dict"], actual["state_dict"])
 
     pieced = {}
     for version in range(4):  # later runs repeat the steps after the checkpoint they resumed from
@@ -135,8 +141,8 @@ def test_killed_and_signalled_runs_resume_to_the_same_weights_losses_and_samples
 def test_a_run_with_weight_averaging_resumes_to_the_same_average_and_weights(names, tmp_path):
     """``names-best.yaml`` keeps an exponential moving average of the weights (Lightning's EMAWeightAveraging):
     a stopped run continues both the trained weights and their average exactly."""
-    callbacks = CALLBACKS[:-1] + (', {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",'
-                                  ' "init_args": {"decay": 0.9}}]')
+    callbacks = json.dumps([*CALLBACK_LIST, {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",
+                                             "init_args": {"decay": 0.9}}])
     straight_run = subprocess.Popen(fit_command(names, tmp_path / "straight", "--trainer.callbacks", callbacks),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     logs = tmp_path / "interrupted" / "lightning_logs"
@@ -155,9 +161,7 @@ def test_a_run_with_weight_averaging_resumes_to_the_same_average_and_weights(nam
     actual = torch.load(logs / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
     assert expected["global_step"] == actual["global_step"] == STEPS
     for part in ("state_dict", "current_model_state"):  # the average, and the weights being trained
-        assert expected[part].keys() == actual[part].keys()
-        for key, value in expected[part].items():
-            assert torch.equal(value, actual[part][key]), (part, key)
+        assert_same_tensors(expected[part], actual[part], part)
     average, current = expected["state_dict"], expected["current_model_state"]
     assert not all(torch.equal(average[key], current[key]) for key in average)
     assert samples(resumed.stdout) == samples(straight_stdout)
