@@ -113,18 +113,55 @@ def take(encoded: dict[str, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Ten
     return encoded["inputs"][idx, :T], encoded["targets"][idx, :T]
 
 
+def first_fit(lengths: list[int], capacity: int) -> list[tuple[int, int]]:
+    """(row, offset) of each item when items are placed, longest first, into the first row with room."""
+    free: list[int] = []
+    place = [(0, 0)] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), len(free))
+        if row == len(free):
+            free.append(capacity)
+        place[i] = (row, capacity - free[row])
+        free[row] -= lengths[i]
+    return place
+
+
+def pack(encoded: dict[str, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (inputs, targets, positions) batch of the names at ``idx`` laid end to end in rows of
+    ``block_size`` tokens. ``positions`` restarts at 0 with every name, which is how the model tells the
+    names of a row apart; slots left over at the end of a row hold token 0 at position 0 and no target."""
+    lengths = encoded["lengths"][idx]
+    width = encoded["inputs"].size(1)
+    place = torch.tensor(first_fit(lengths.tolist(), width), dtype=torch.long)
+    rows, offsets = place.unbind(1)
+    num_rows = int(rows.max()) + 1
+    first = torch.cumsum(lengths, 0) - lengths  # where each name starts in the flat list of tokens
+    within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(first, lengths)
+    slots = torch.repeat_interleave(rows * width + offsets, lengths) + within
+    real = torch.arange(width) < lengths[:, None]  # (N, width): the name's own tokens, in order
+    inputs = torch.zeros(num_rows * width, dtype=torch.long)
+    targets = torch.full((num_rows * width,), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros(num_rows * width, dtype=torch.long)
+    inputs[slots] = encoded["inputs"][idx][real]
+    targets[slots] = encoded["targets"][idx][real]
+    positions[slots] = within
+    return inputs.view(num_rows, width), targets.view(num_rows, width), positions.view(num_rows, width)
+
+
 class TrainBatches(IterableDataset):
     """An endless stream of names in a fixed order, cut into numbered global batches.
 
     Global batch ``k`` holds stream positions ``k*B .. k*B+B-1``; position ``p`` is name ``p % N``
     of pass ``p // N`` over the names (every pass in the given order, or reshuffled per pass when
     ``shuffle`` is set). A process of rank ``r`` out of ``W`` gets the ``r``-th of ``W`` equal
-    slices of every global batch. Each iteration yields the global batches ``window()`` returns.
+    slices of every global batch. Each iteration yields the global batches ``window()`` returns,
+    as padded rows (``take``) or, with ``packed``, as packed rows (``pack``).
     """
 
     def __init__(self, encoded: dict[str, torch.Tensor], batch_size: int, window: Callable[[], range],
-                 shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1, packed: bool = False):
         self.encoded = encoded
+        self.packed = packed
         self.num_names = len(encoded["lengths"])
         self.batch_size = batch_size
         self.window = window
@@ -156,9 +193,9 @@ class TrainBatches(IterableDataset):
             self._cached = (n, torch.randperm(self.num_names, generator=generator))
         return self._cached[1]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for k in self.window():
-            yield take(self.encoded, self.positions(k))
+            yield (pack if self.packed else take)(self.encoded, self.positions(k))
 
 
 class EvalBatches(IterableDataset):
@@ -188,6 +225,8 @@ class NamesDataModule(L.LightningDataModule):
         test_size: Number of names held out for testing, the very last ones; 0 tests on the validation names.
         test_path: A separate file of names to test on instead of the held-out split.
         shuffle: Reshuffle the training names at every pass instead of keeping the seed's order.
+        pack: Lay training names end to end in rows of block_size tokens, each name attending only to
+            itself: the same loss and gradients as one padded row per name, with far fewer padded positions.
         predict_size: How many names the predict command invents.
         predict_prefix: Names invented by predict start with these characters.
         predict_temperature: Softmax temperature of predict's draws, positive.
@@ -205,6 +244,7 @@ class NamesDataModule(L.LightningDataModule):
         test_size: int = 0,
         test_path: str | None = None,
         shuffle: bool = False,
+        pack: bool = False,
         predict_size: int = 20,
         predict_prefix: str = "",
         predict_temperature: float = 0.5,
@@ -228,6 +268,7 @@ class NamesDataModule(L.LightningDataModule):
         self.test_size = test_size
         self.test_path = test_path
         self.shuffle = shuffle
+        self.pack = pack
         self.predict_request = {"prefix": predict_prefix, "temperature": predict_temperature, "top_k": predict_top_k}
         self.predict_size = predict_size
         self.seed = seed
@@ -331,7 +372,7 @@ class NamesDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         batches = TrainBatches(self.train_encoded, self.batch_size, self.epoch_window, shuffle=self.shuffle,
-                               seed=self.seed, rank=self.rank, world_size=self.world_size)
+                               seed=self.seed, rank=self.rank, world_size=self.world_size, packed=self.pack)
         return self.loader(batches)
 
     def val_dataloader(self) -> DataLoader:

@@ -30,6 +30,14 @@ class KVCache:
     v: torch.Tensor
 
 
+def sequence_mask(positions: torch.Tensor) -> torch.Tensor:
+    """Attention mask (B, 1, T, T) for rows of sequences laid end to end, each starting at position 0:
+    a token sees the tokens of its own sequence up to itself."""
+    sequence = (positions == 0).cumsum(1)
+    same = sequence[:, :, None] == sequence[:, None, :]
+    return (same & (positions[:, None, :] <= positions[:, :, None]))[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each position sees itself and the positions before it."""
 
@@ -49,9 +57,11 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attend causally; with a ``cache``, ``x`` holds positions ``start..start+T-1`` and the
-        cache supplies the earlier ones (either ``start == 0`` or one new position at a time)."""
+        cache supplies the earlier ones (either ``start == 0`` or one new position at a time).
+        A boolean ``mask`` (B, 1, T, T), true where a query may see a key, replaces the causal triangle."""
         B, T, C = x.shape
         q, k, v = self.split_heads(self.q(x)), self.split_heads(self.k(x)), self.split_heads(self.v(x))
         if cache is not None:
@@ -62,7 +72,8 @@ class CausalSelfAttention(nn.Module):
             raise ValueError("with a cache, pass either the positions from 0 or one new position.")
         # a single new position sees every cached one; from position 0 the mask is the causal triangle
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=start == 0, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=start == 0 and mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.o(y.transpose(1, 2).reshape(B, T, C))
 
@@ -88,8 +99,9 @@ class Block(nn.Module):
         self.mlp = MLP(n_embd)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(rms_norm(x), cache, start))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(rms_norm(x), cache, start, mask))
         return x + self.drop(self.mlp(rms_norm(x)))
 
 
@@ -141,17 +153,28 @@ class GPT(nn.Module):
             block.attn.o.weight.zero_()
             block.mlp.fc2.weight.zero_()
 
-    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None, start: int = 0,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Map token ids (B, T) at positions ``start..start+T-1`` (within block_size) to next-token
         logits (B, T, vocab_size). ``caches`` (one per block, from ``new_caches``) keep keys and values
-        so that later calls need only pass the new positions."""
+        so that later calls need only pass the new positions.
+
+        ``positions`` (B, T) instead gives every token its own position, for rows that hold several
+        sequences one after another: each sequence starts at position 0 and attends only within itself,
+        so it gets the logits it would get alone.
+        """
         T = idx.size(1)
-        if start + T > self.block_size:
-            raise ValueError(f"sequence length {start + T} exceeds block_size {self.block_size}.")
-        pos = torch.arange(start, start + T, device=idx.device)
+        mask = None
+        if positions is None:
+            if start + T > self.block_size:
+                raise ValueError(f"sequence length {start + T} exceeds block_size {self.block_size}.")
+            pos = torch.arange(start, start + T, device=idx.device)
+        else:
+            pos = positions
+            mask = sequence_mask(positions)
         x = self.drop(rms_norm(self.wte(idx) + self.wpe(pos)))
         for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches is not None else None, start)
+            x = block(x, caches[i] if caches is not None else None, start, mask)
         return self.lm_head(x)
 
     def new_caches(self, batch_size: int) -> list[KVCache]:

@@ -97,21 +97,24 @@ class MicroGPT(L.LightningModule):
         """A batch is a sampling request from the data module: how many names, and how to draw them."""
         return self.sample(batch["count"], batch["temperature"], batch["top_k"], batch["prefix"])
 
-    def token_nll(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def logits(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) of a batch of padded rows (inputs, targets) or packed rows (inputs, targets, positions)."""
+        inputs, targets, positions = batch if len(batch) == 3 else (*batch, None)
+        return self.gpt(inputs, positions=positions), targets
+
+    def token_nll(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Negative log-likelihood of every real (non-padded) target token in the batch."""
-        inputs, targets = batch
-        logits = self.gpt(inputs)
+        logits, targets = self.logits(batch)
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
         return nll[targets.flatten() != IGNORE_INDEX]
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         """The mean NLL over every target token of the global batch, whichever process holds the token.
 
         With W processes, each one's loss is its NLL sum divided by the global token count, times W:
         DDP averages the gradients over processes, so the update equals one process on the whole batch.
         """
-        inputs, targets = batch
-        logits = self.gpt(inputs)
+        logits, targets = self.logits(batch)
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         count = (targets != IGNORE_INDEX).sum().to(nll.dtype)
         world_size = self.trainer.world_size
