@@ -7,7 +7,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, WeightAveraging
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from microgpt.errors import UserError
 
@@ -18,6 +19,23 @@ def novelty(names: list[str], train_names: set[str], held_out_names: set[str]) -
     in_train = sum(name in train_names for name in names)
     in_held_out = sum(name in held_out_names and name not in train_names for name in names)
     return {"train": in_train / n, "held_out": in_held_out / n, "new": (n - in_train - in_held_out) / n}
+
+
+class EMA(WeightAveraging):
+    """An exponential moving average of the weights, updated after every optimizer step; validation,
+    test, sampling and saved checkpoints use the average (Lightning's ``WeightAveraging``).
+
+    Lightning's ``EMAWeightAveraging`` does the same one parameter at a time; this one updates all
+    parameters at once with torch's multi-tensor EMA, which is several milliseconds a step faster on a CPU.
+
+    Args:
+        decay: Weight of the previous average at each update; the average spans about 1 / (1 - decay) steps.
+    """
+
+    def __init__(self, decay: float = 0.999):
+        if not 0 <= decay <= 1:
+            raise UserError(f"EMA decay must be in [0, 1], got {decay}.")
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
 class SampleNames(L.Callback):
