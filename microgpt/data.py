@@ -2,7 +2,8 @@
 
 A name becomes ``[BOS] + characters + [BOS]`` cut to ``block_size + 1`` tokens; the model reads
 the first ``n`` of them and predicts the last ``n``. All names are tokenized once into padded
-tensors, and batches are cut from those tensors by indexing.
+tensors, and batches are cut from those tensors by indexing: one name per row, right-padded to the
+batch's longest name, or with ``pack`` several names per row of ``block_size`` tokens.
 """
 
 from __future__ import annotations
