@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fidelity import RecordLosses
 
 from microgpt.cli import main
 from microgpt.data import IGNORE_INDEX, NamesDataModule, encode_names, first_fit, pack
@@ -81,14 +81,6 @@ def test_packed_batch_has_the_loss_and_gradients_of_the_padded_batch(names_file)
     torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-6)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
-
-
-class RecordLosses(L.Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(outputs["loss"].item())
 
 
 def test_fit_with_pack_trains_like_padded_rows(names_file, tmp_path):
