@@ -13,7 +13,7 @@ import warnings
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from microgpt.checkpoint import Stopped, find_last_checkpoint, load_checkpoint
 from microgpt.data import NamesDataModule
@@ -73,7 +73,8 @@ class MicroGPTCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
-    """Run the command line; a ``UserError`` becomes one line on stderr and exit status 2."""
+    """Run the command line; a ``UserError`` (or Lightning's ``MisconfigurationException``, its error for
+    flags that contradict each other) becomes one line on stderr and exit status 2."""
     try:
         return MicroGPTCLI(
             MicroGPT,
@@ -97,12 +98,12 @@ def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
         raise SystemExit(2) from None
 
 
-def user_error_behind(err: BaseException) -> UserError | None:
-    """``err`` if it is a ``UserError``, else the first one it was raised from (jsonargparse wraps
-    errors raised while it builds a class), else None."""
+def user_error_behind(err: BaseException) -> Exception | None:
+    """``err`` if it is a ``UserError`` or ``MisconfigurationException``, else the first one it was
+    raised from (jsonargparse wraps errors raised while it builds a class), else None."""
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, UserError):
+        if isinstance(err, (UserError, MisconfigurationException)):
             return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__

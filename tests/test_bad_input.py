@@ -66,6 +66,12 @@ def test_out_of_range_settings(tiny_names, tmp_path, capsys, flags, message):
     assert error_line(fit_args(tiny_names, tmp_path, *flags), capsys) == f"microgpt: error: {message}"
 
 
+def test_trainer_flags_that_contradict_the_recipe_are_one_line(tiny_names, tmp_path, capsys):
+    # names.yaml's callbacks include a ModelCheckpoint, which Lightning refuses alongside this flag
+    line = error_line(fit_args(tiny_names, tmp_path, "--trainer.enable_checkpointing", "false"), capsys)
+    assert line.startswith("microgpt: error: ") and "enable_checkpointing=False" in line
+
+
 @pytest.mark.parametrize("setting, message", [
     ({"n_head": -1}, "--model.n_head must be a positive integer, got -1."),
     ({"n_layer": 0}, "--model.n_layer must be a positive integer, got 0."),
