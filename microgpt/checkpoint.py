@@ -4,8 +4,8 @@
   to disk and renames it into place, so ``last.ckpt`` is always the newest *complete* checkpoint.
 * ``load_checkpoint`` reads a checkpoint with ``weights_only=True`` and turns every way it can be
   wrong (missing, truncated, not a checkpoint, written by another version) into one ``UserError``.
-* ``RunCheckpoint`` saves every ``N`` steps and, when the run is stopped by SIGTERM or Ctrl-C, once
-  more at the end of the step where it stopped; ``fit --ckpt_path last`` continues from there.
+* ``RunCheckpoint`` saves every ``N`` steps, after the last step, and, when the run is stopped by SIGTERM
+  or Ctrl-C, once more at the end of the step where it stopped; ``fit --ckpt_path last`` continues from there.
 """
 
 from __future__ import annotations
@@ -170,6 +170,23 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         if self._stopped is not None:
             raise self._stopped
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Also save when this is the last epoch, so the steps after the last multiple of
+        ``every_n_train_steps`` are kept (Lightning's own end-of-training save skips them once any
+        checkpoint exists). Saving here, not at ``on_train_end``, keeps the raw weights in the
+        checkpoint: a weight-averaging callback swaps the average in at the end of training."""
+        super().on_train_epoch_end(trainer, pl_module)
+        loop = trainer.fit_loop
+        last_epoch = (
+            0 <= loop.max_steps <= trainer.global_step
+            or 0 <= loop.max_epochs <= loop.epoch_progress.current.processed
+            or trainer.should_stop
+        )
+        if last_epoch and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)

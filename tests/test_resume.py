@@ -167,6 +167,26 @@ def test_a_run_with_weight_averaging_resumes_to_the_same_average_and_weights(nam
     assert samples(resumed.stdout) == samples(straight_stdout)
 
 
+def test_the_steps_after_the_last_periodic_checkpoint_are_saved(names, tmp_path):
+    """``max_steps`` 7 with a checkpoint every 5 steps: ``last.ckpt`` still holds step 7, and with a moving
+    average it keeps the trained weights themselves (those of the same run without the average) beside it."""
+    checkpoint = {"class_path": "microgpt.checkpoint.RunCheckpoint", "init_args": {"every_n_train_steps": 5}}
+    average = {"class_path": "microgpt.callbacks.EMA", "init_args": {"decay": 0.5}}
+
+    def fit(root: Path, callbacks: list) -> dict:
+        main(["fit", "--config", CONFIG, "--data.path", str(names), "--data.val_size", "4", "--data.batch_size", "2",
+              "--model.dropout", "0.1", "--trainer.max_steps", "7", "--trainer.callbacks", json.dumps(callbacks),
+              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+              "--trainer.default_root_dir", str(root)])
+        return torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+    plain = fit(tmp_path / "plain", [checkpoint])
+    averaged = fit(tmp_path / "averaged", [checkpoint, average])
+    assert plain["global_step"] == averaged["global_step"] == 7
+    assert_same_tensors(plain["state_dict"], averaged["current_model_state"])
+    assert not all(torch.equal(plain["state_dict"][k], averaged["state_dict"][k]) for k in plain["state_dict"])
+
+
 def test_last_checkpoint_is_replaced_only_by_a_complete_one(tmp_path, monkeypatch):
     path = tmp_path / "checkpoints" / "last.ckpt"
     atomic_torch_save({"global_step": 1}, path)
