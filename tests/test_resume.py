@@ -140,8 +140,7 @@ def test_killed_and_signalled_runs_resume_to_the_same_weights_losses_and_samples
 
 def test_a_run_with_weight_averaging_resumes_to_the_same_average_and_weights(names, tmp_path):
     """A run with a moving average of the weights (``microgpt.callbacks.EMA``, a Lightning ``WeightAveraging``,
-    as ``names-best.yaml``'s ``EMAWeightAveraging`` is): a stopped run continues both the trained weights and
-    their average exactly."""
+    as in ``names-best.yaml``): a stopped run continues both the trained weights and their average exactly."""
     callbacks = json.dumps([*CALLBACK_LIST, {"class_path": "microgpt.callbacks.EMA", "init_args": {"decay": 0.9}}])
     straight_run = subprocess.Popen(fit_command(names, tmp_path / "straight", "--trainer.callbacks", callbacks),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
