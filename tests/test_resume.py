@@ -173,11 +173,8 @@ def test_the_steps_after_the_last_periodic_checkpoint_are_saved(names, tmp_path)
     average = {"class_path": "microgpt.callbacks.EMA", "init_args": {"decay": 0.5}}
 
     def fit(root: Path, callbacks: list) -> dict:
-        main(["fit", "--config", CONFIG, "--data.path", str(names), "--data.val_size", "4", "--data.batch_size", "2",
-              "--model.dropout", "0.1", "--trainer.max_steps", "7", "--trainer.callbacks", json.dumps(callbacks),
-              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-              "--trainer.default_root_dir", str(root)])
-        return torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        main(fit_command(names, root, "--trainer.max_steps", "7", "--trainer.callbacks", json.dumps(callbacks))[3:])
+        return torch.load(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
 
     plain = fit(tmp_path / "plain", [checkpoint])
     averaged = fit(tmp_path / "averaged", [checkpoint, average])
