@@ -91,14 +91,22 @@ class SampleNames(L.Callback):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("\n".join(names) + "\n", encoding="utf-8")
         log_samples(trainer, names, trainer.global_step)
-        datamodule = trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "train_names"):
-            shares = novelty(names, set(datamodule.train_names),
-                             set(datamodule.val_names) | set(datamodule.test_names))
-            print(f"samples: {shares['new']:.0%} new, {shares['train']:.0%} training names, "
-                  f"{shares['held_out']:.0%} held-out names")
+        shares = report_novelty(trainer, names, "samples")
+        if shares is not None:
             for logger in trainer.loggers:
                 logger.log_metrics({f"samples/{k}": v for k, v in shares.items()}, step=trainer.global_step)
+
+
+def report_novelty(trainer: L.Trainer, names: list[str], what: str) -> dict[str, float] | None:
+    """Print which shares of ``names`` are training names, held-out names or new, and return them
+    (None when the data module does not know its names)."""
+    datamodule = trainer.datamodule
+    if datamodule is None or not hasattr(datamodule, "train_names"):
+        return None
+    shares = novelty(names, set(datamodule.train_names), set(datamodule.val_names) | set(datamodule.test_names))
+    print(f"{what}: {shares['new']:.0%} new, {shares['train']:.0%} training names, "
+          f"{shares['held_out']:.0%} held-out names")
+    return shares
 
 
 def log_samples(trainer: L.Trainer, names: list[str], step: int) -> None:
@@ -120,7 +128,7 @@ def log_samples(trainer: L.Trainer, names: list[str], step: int) -> None:
 
 
 class WriteNames(BasePredictionWriter):
-    """Write the names made by ``predict``, one per line.
+    """Write the names made by ``predict``, one per line, and print how many are new.
 
     Args:
         output: File to write; a relative path is taken inside the run's log directory.
@@ -140,3 +148,4 @@ class WriteNames(BasePredictionWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
         print(f"wrote {len(names)} names to {path}")
+        report_novelty(trainer, names, "predictions")

@@ -28,6 +28,8 @@ warnings.filterwarnings("ignore", message=r".*skip_none parameter was deprecated
 warnings.filterwarnings("ignore", message=r".*WeightAveraging callback, but loading a checkpoint outside the 'fit'")
 # validate/test from a run's checkpoint writes nothing, so the checkpoint callback's new folder does not matter
 warnings.filterwarnings("ignore", message=r".*The dirpath has changed from")
+# predict: the names come from an iterable dataset, which has no batch indices, and WriteNames needs none
+warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices")
 
 
 class MicroGPTCLI(LightningCLI):

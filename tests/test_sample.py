@@ -139,13 +139,16 @@ def test_sample_command_errors_are_one_line(checkpoint, tmp_path, args, message)
     assert message in result.stderr.strip().splitlines()[-1]
 
 
-def test_predict_writes_names_through_the_prediction_writer(checkpoint):
+def test_predict_writes_names_through_the_prediction_writer(checkpoint, capsys):
     tmp, names, ckpt = checkpoint
     main(["predict", "--config", CONFIG, "--data.path", str(names), "--data.val_size", "2", "--ckpt_path", str(ckpt),
           "--data.predict_size", "7", "--data.predict_prefix", "b", "--data.eval_batch_size", "3",
           "--trainer.default_root_dir", str(tmp / "predict"), "--trainer.enable_progress_bar", "false"])
     written = next((tmp / "predict").rglob("predictions.txt")).read_text().splitlines()
     assert len(written) == 7 and all(n.startswith("b") for n in written)
+    known = set(names.read_text().split())
+    new = sum(n not in known for n in written) / 7
+    assert f"predictions: {new:.0%} new, " in capsys.readouterr().out
 
 
 def test_callback_samples_during_training_without_changing_it(tiny_names, tmp_path):
