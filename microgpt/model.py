@@ -8,6 +8,7 @@ anywhere. Nothing in this file depends on Lightning.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -209,7 +210,7 @@ class GPT(nn.Module):
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k}.")
         max_new_tokens = self.block_size if max_new_tokens is None else max_new_tokens
-        device = self.wte.weight.device
+        device = next(self.parameters()).device
         idx = torch.tensor([prompt], device=device).expand(num_samples, -1)
         caches = self.new_caches(num_samples)
         context = idx[:, -self.block_size :]
@@ -234,3 +235,37 @@ class GPT(nn.Module):
                 logits = self(context)[:, -1]
         out = torch.cat(new, dim=1).tolist()
         return [seq[: seq.index(end_token)] if end_token in seq else seq for seq in out]
+
+
+class Ensemble(nn.Module):
+    """Several GPTs with the same vocabulary and context length, predicting the average of their
+    next-character probabilities. Its logits are the log of that average, so softmax, cross-entropy
+    and ``generate`` treat it as one model.
+
+    Args:
+        members: The GPTs to average, each given the same weight.
+    """
+
+    def __init__(self, members: list[GPT]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one model.")
+        if len({m.block_size for m in members}) > 1:
+            raise ValueError(f"the models' context lengths differ: {[m.block_size for m in members]}.")
+        self.members = nn.ModuleList(members)
+        self.block_size = members[0].block_size
+
+    def forward(self, idx: torch.Tensor, caches: list[list[KVCache]] | None = None, start: int = 0,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """As ``GPT.forward``, with one list of caches per member (from ``new_caches``)."""
+        log_probs = torch.stack([
+            F.log_softmax(m(idx, caches[i] if caches is not None else None, start, positions), dim=-1)
+            for i, m in enumerate(self.members)
+        ])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
+
+    def new_caches(self, batch_size: int) -> list[list[KVCache]]:
+        """Empty key/value caches for ``batch_size`` sequences, one list per member."""
+        return [m.new_caches(batch_size) for m in self.members]
+
+    generate = GPT.generate  # the same sampling loop: it needs only forward, new_caches and block_size

@@ -13,8 +13,8 @@ from torchmetrics import MeanMetric
 from microgpt.checkpoint import FORMAT, FORMAT_KEY
 from microgpt.data import IGNORE_INDEX
 from microgpt.errors import UserError
-from microgpt.model import GPT
-from microgpt.sample import sample_names
+from microgpt.model import GPT, Ensemble
+from microgpt.sample import load_members, sample_names
 from microgpt.tokenizer import CharTokenizer
 
 
@@ -53,6 +53,8 @@ class MicroGPT(L.LightningModule):
         min_lr: The learning rate the cosine decay ends at.
         compile: Compile the GPT with ``torch.compile`` (the first steps pay for compiling; weights and
             checkpoints are unchanged).
+        ensemble: Checkpoints of other runs (same vocabulary and context length) whose predicted
+            probabilities validate, test and predict average with this model's; fit refuses it.
     """
 
     def __init__(
@@ -70,28 +72,40 @@ class MicroGPT(L.LightningModule):
         warmup_steps: int = 0,
         min_lr: float = 0.0,
         compile: bool = False,
+        ensemble: list[str] | None = None,
     ):
         super().__init__()
         check_hyperparameters(n_embd=n_embd, n_head=n_head, n_layer=n_layer, block_size=block_size,
                               dropout=dropout, lr=lr, eps=eps, weight_decay=weight_decay,
                               warmup_steps=warmup_steps, min_lr=min_lr)
-        self.save_hyperparameters()
+        # not saved with the weights: LightningCLI re-reads a checkpoint's hyper-parameters over the command
+        # line's, so a saved value would override --model.ensemble at test time
+        self.save_hyperparameters(ignore=["ensemble"])
+        self.ensemble_paths = list(ensemble or [])
         self.tokenizer = CharTokenizer(vocab)
         self.gpt = GPT(self.tokenizer.vocab_size, n_embd, n_head, n_layer, block_size, dropout)
         if compile:
             self.gpt.compile()  # in place: the parameter names in checkpoints stay the same
+        self.ensemble_members: list[GPT] = []  # loaded in setup; a plain list keeps them out of the state_dict
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
         self.last_train_loss: torch.Tensor | None = None
         self.validated_at_step: int | None = None  # the optimizer step of the latest validation
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.gpt(idx)
+        return self.predictor(idx)
+
+    @property
+    def predictor(self) -> nn.Module:
+        """The GPT, or with ``ensemble`` the average of it and the other checkpoints' GPTs."""
+        if not self.ensemble_members:
+            return self.gpt
+        return Ensemble([self.gpt, *self.ensemble_members]).to(self.device).train(self.training)
 
     def sample(self, num_samples: int, temperature: float = 0.5, top_k: int | None = None, prefix: str = "",
                generator: torch.Generator | None = None) -> list[str]:
         """Invent ``num_samples`` names that start with ``prefix``."""
-        return sample_names(self.gpt, self.tokenizer, num_samples, temperature, top_k, prefix, generator)
+        return sample_names(self.predictor, self.tokenizer, num_samples, temperature, top_k, prefix, generator)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
         """A batch is a sampling request from the data module: how many names, and how to draw them."""
@@ -100,7 +114,7 @@ class MicroGPT(L.LightningModule):
     def logits(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, targets) of a batch of padded rows (inputs, targets) or packed rows (inputs, targets, positions)."""
         inputs, targets, positions = batch if len(batch) == 3 else (*batch, None)
-        return self.gpt(inputs, positions=positions), targets
+        return self.predictor(inputs, positions=positions), targets
 
     def token_nll(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Negative log-likelihood of every real (non-padded) target token in the batch."""
@@ -171,6 +185,11 @@ class MicroGPT(L.LightningModule):
         if stage == "fit" and (self.trainer.max_steps == 0 or self.trainer.max_steps < -1):
             raise UserError(f"--trainer.max_steps must be a positive integer (or -1 for no limit), "
                             f"got {self.trainer.max_steps}.")
+        if self.ensemble_paths:
+            if stage == "fit":
+                raise UserError("--model.ensemble averages finished runs in validate, test and predict; "
+                                "train each member with its own fit.")
+            self.ensemble_members = load_members(self.ensemble_paths, self.tokenizer, self.gpt.block_size)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the format version and the random state that dropout and sampling draw from."""

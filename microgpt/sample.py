@@ -1,7 +1,8 @@
 """Inventing names, and the ``sample`` command that does it from a checkpoint alone.
 
-``python -m microgpt sample --ckpt_path K [--num_samples N] [--temperature T] [--top_k K] [--prefix P]
+``python -m microgpt sample --ckpt_path K [K ...] [--num_samples N] [--temperature T] [--top_k K] [--prefix P]
 [--seed S] [--output FILE]``. The checkpoint alone is enough: the vocabulary and sizes are inside it.
+Several checkpoints sample from the average of their predicted probabilities.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from pathlib import Path
 import torch
 
 from microgpt.errors import UserError
-from microgpt.model import GPT
+from microgpt.model import GPT, Ensemble
 from microgpt.tokenizer import CharTokenizer
 
 
-def sample_names(gpt: GPT, tokenizer: CharTokenizer, num_samples: int, temperature: float = 0.5,
+def sample_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, num_samples: int, temperature: float = 0.5,
                  top_k: int | None = None, prefix: str = "", generator: torch.Generator | None = None) -> list[str]:
     """``num_samples`` names starting with ``prefix``, drawn in parallel (``gpt`` in eval mode for the draw)."""
     if not temperature > 0:
@@ -56,6 +57,22 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu") -> tuple[GPT,
     return gpt.to(map_location), tokenizer
 
 
+def load_members(paths: list[str], tokenizer: CharTokenizer, block_size: int,
+                 map_location: str = "cpu") -> list[GPT]:
+    """The GPTs of the checkpoints at ``paths``, in eval mode, checked to share ``tokenizer``'s vocabulary
+    and ``block_size``, so that their predictions can be averaged with a model that has them."""
+    members = []
+    for path in paths:
+        gpt, other = load_model(path, map_location)
+        if other.chars != tokenizer.chars:
+            raise UserError(f"{path}: its vocabulary {other.chars!r} differs from the first model's "
+                            f"{tokenizer.chars!r}, so their predictions cannot be averaged.")
+        if gpt.block_size != block_size:
+            raise UserError(f"{path}: its context length is {gpt.block_size}, the first model's is {block_size}.")
+        members.append(gpt.eval())
+    return members
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -72,7 +89,8 @@ def positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="microgpt sample", description="Invent names with a trained checkpoint.")
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit (e.g. .../checkpoints/last.ckpt)")
+    parser.add_argument("--ckpt_path", required=True, nargs="+",
+                        help="checkpoint written by fit (e.g. .../checkpoints/last.ckpt); several: average their predictions")
     parser.add_argument("--num_samples", type=positive_int, default=20, help="how many names (default 20)")
     parser.add_argument("--temperature", type=positive_float, default=0.5, help="softmax temperature (default 0.5)")
     parser.add_argument("--top_k", type=positive_int, default=None, help="draw only among the k likeliest characters")
@@ -82,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device to sample on (default cpu)")
     args = parser.parse_args(argv)
     try:
-        gpt, tokenizer = load_model(args.ckpt_path, args.device)
+        gpt, tokenizer = load_model(args.ckpt_path[0], args.device)
+        if len(args.ckpt_path) > 1:
+            gpt = Ensemble([gpt, *load_members(args.ckpt_path[1:], tokenizer, gpt.block_size, args.device)])
         generator = None if args.seed is None else torch.Generator(args.device).manual_seed(args.seed)
         names = sample_names(gpt, tokenizer, args.num_samples, args.temperature, args.top_k, args.prefix, generator)
         text = "".join(f"{name}\n" for name in names)
