@@ -100,7 +100,7 @@ class MicroGPT(L.LightningModule):
         """The GPT, or with ``ensemble`` the average of it and the other checkpoints' GPTs."""
         if not self.ensemble_members:
             return self.gpt
-        return Ensemble([self.gpt, *self.ensemble_members]).to(self.device).train(self.training)
+        return Ensemble([self.gpt, *self.ensemble_members]).train(self.training)
 
     def sample(self, num_samples: int, temperature: float = 0.5, top_k: int | None = None, prefix: str = "",
                generator: torch.Generator | None = None) -> list[str]:
@@ -189,7 +189,9 @@ class MicroGPT(L.LightningModule):
             if stage == "fit":
                 raise UserError("--model.ensemble averages finished runs in validate, test and predict; "
                                 "train each member with its own fit.")
-            self.ensemble_members = load_members(self.ensemble_paths, self.tokenizer, self.gpt.block_size)
+            # straight onto the device the strategy is about to move this module to
+            self.ensemble_members = load_members(self.ensemble_paths, self.tokenizer, self.gpt.block_size,
+                                                 self.trainer.strategy.root_device)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the format version and the random state that dropout and sampling draw from."""

@@ -38,7 +38,7 @@ def sample_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, num_samples: int
     return [prefix + tokenizer.decode(s) for s in ids]
 
 
-def load_model(path: str | os.PathLike, map_location: str = "cpu") -> tuple[GPT, CharTokenizer]:
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[GPT, CharTokenizer]:
     """The GPT and its vocabulary from a microgpt checkpoint (read with ``weights_only=True``)."""
     from microgpt.checkpoint import load_checkpoint  # imports Lightning: only when a checkpoint is read
 
@@ -58,7 +58,7 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu") -> tuple[GPT,
 
 
 def load_members(paths: list[str], tokenizer: CharTokenizer, block_size: int,
-                 map_location: str = "cpu") -> list[GPT]:
+                 map_location: str | torch.device = "cpu") -> list[GPT]:
     """The GPTs of the checkpoints at ``paths``, in eval mode, checked to share ``tokenizer``'s vocabulary
     and ``block_size``, so that their predictions can be averaged with a model that has them."""
     members = []
