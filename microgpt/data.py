@@ -8,14 +8,13 @@ batch's longest name, or with ``pack`` several names per row of ``block_size`` t
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import random
-import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
 from functools import cached_property
+from importlib.resources import files
 from pathlib import Path
 
 import lightning as L
@@ -23,13 +22,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
-from microgpt.checkpoint import atomic_write
 from microgpt.errors import UserError
 from microgpt.tokenizer import CharTokenizer
 
-NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
-NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
-DEFAULT_PATH = "data/names.txt"
+# makemore's names.txt (32,033 names, MIT licence; see NOTICE), shipped inside the package
+BUNDLED_NAMES = Path(str(files("microgpt") / "names.txt"))
 IGNORE_INDEX = -100  # target value of padded positions; F.cross_entropy skips it
 
 # Our iterable datasets are read in the main process only, so Lightning's caution about
@@ -37,20 +34,6 @@ IGNORE_INDEX = -100  # target value of padded positions; F.cross_entropy skips i
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
 # The training order is a function of the global step, so resuming mid-epoch is exact without loader state.
 warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
-
-
-def download_names(dest: Path, url: str = NAMES_URL, sha256: str = NAMES_SHA256) -> None:
-    """Download the names file to ``dest``, verify its sha256, and move it into place atomically."""
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            payload = response.read()
-    except OSError as err:
-        raise UserError(
-            f"could not download {url} ({err}); put a names file at {dest} or pass --data.path FILE."
-        ) from None
-    if hashlib.sha256(payload).hexdigest() != sha256:
-        raise UserError(f"the file downloaded from {url} does not have the expected sha256; nothing was saved.")
-    atomic_write(dest, lambda f: f.write(payload))
 
 
 def read_names(path: str | os.PathLike) -> list[str]:
@@ -219,7 +202,7 @@ class NamesDataModule(L.LightningDataModule):
     """Names, one per line, split into training and held-out validation names.
 
     Args:
-        path: UTF-8 text file with one name per line; the default is makemore's names.txt, downloaded when missing.
+        path: UTF-8 text file with one name per line; unset, makemore's names.txt that ships with microgpt.
         block_size: Context length; set it with --model.block_size, which is linked here.
         batch_size: Names per optimizer step, summed over all devices.
         val_size: Number of names held out for validation: the last ones after the seeded shuffle (before any test names).
@@ -238,7 +221,7 @@ class NamesDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        path: str = DEFAULT_PATH,
+        path: str | None = None,
         block_size: int = 8,
         batch_size: int = 1,
         val_size: int = 1000,
@@ -262,7 +245,7 @@ class NamesDataModule(L.LightningDataModule):
             if value < 0:
                 raise UserError(f"--data.{name} must be zero or more, got {value}.")
         self.save_hyperparameters()
-        self.path = path
+        self.path = path or str(BUNDLED_NAMES)
         self.block_size = block_size
         self.batch_size = batch_size
         self.val_size = val_size
@@ -275,15 +258,9 @@ class NamesDataModule(L.LightningDataModule):
         self.seed = seed
         self.eval_batch_size = eval_batch_size
 
-    def prepare_data(self) -> None:
-        """Download the default names file when it is missing."""
-        if self.path == DEFAULT_PATH and not Path(self.path).exists():
-            download_names(Path(self.path))
-
     @cached_property
     def names(self) -> list[str]:
         """All names after the seeded shuffle: training, then ``val_size`` validation, then ``test_size`` test names."""
-        self.prepare_data()
         names = read_names(self.path)
         if self.val_size + self.test_size >= len(names):
             raise UserError(

@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -7,15 +6,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-NAMES_FILE = Path(os.environ.get("MICROGPT_NAMES", ROOT.parent / "shared" / "data" / "names.txt"))
 
 
 @pytest.fixture(scope="session")
 def names_file() -> Path:
-    """The real makemore names.txt; tests that need it skip when it is absent."""
-    if not NAMES_FILE.is_file():
-        pytest.skip(f"the real names file is not at {NAMES_FILE} (set MICROGPT_NAMES)")
-    return NAMES_FILE
+    """The real makemore names.txt, as it ships inside the package."""
+    from microgpt.data import BUNDLED_NAMES
+
+    return BUNDLED_NAMES
 
 
 @pytest.fixture

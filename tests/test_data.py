@@ -1,13 +1,18 @@
-"""The names data: reading, vocabulary, tokenization, split, training order and download."""
+"""The names data: reading, vocabulary, tokenization, split, training order and the bundled file."""
 
 import hashlib
 import random
+import subprocess
+import sys
+import zipfile
 
 import pytest
 
-from microgpt.data import IGNORE_INDEX, NamesDataModule, download_names, encode_names, read_names
+from microgpt.data import IGNORE_INDEX, NamesDataModule, encode_names, read_names
 from microgpt.errors import UserError
 from microgpt.tokenizer import CharTokenizer
+
+from conftest import ROOT
 
 
 def test_read_names_strips_and_drops_blank_lines(tmp_path):
@@ -65,24 +70,25 @@ def test_batches_are_trimmed_and_right_padded(tiny_names):
         assert (row != IGNORE_INDEX).sum().item() == len(name) + 1
 
 
-def test_download_verifies_sha256_and_writes_atomically(tmp_path):
-    source = tmp_path / "remote.txt"
-    source.write_text("anna\nbob\n")
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()
-    dest = tmp_path / "data" / "names.txt"
-    download_names(dest, url=source.as_uri(), sha256=digest)
-    assert dest.read_text() == "anna\nbob\n"
-
-    other = tmp_path / "other" / "names.txt"
-    with pytest.raises(UserError, match="sha256"):
-        download_names(other, url=source.as_uri(), sha256="0" * 64)
-    assert not other.exists()
-    assert not other.parent.exists() or not any(other.parent.iterdir())
+def test_bundled_names_are_makemores_file(names_file):
+    assert hashlib.sha256(names_file.read_bytes()).hexdigest() == (
+        "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d")
 
 
-def test_download_without_network_says_what_to_do(tmp_path):
-    with pytest.raises(UserError, match=r"--data.path FILE"):
-        download_names(tmp_path / "names.txt", url=(tmp_path / "missing.txt").as_uri())
+def test_default_path_is_the_bundled_file_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dm = NamesDataModule()
+    assert len(dm.names) == 32033 and not any(tmp_path.iterdir())
+
+
+def test_wheel_ships_the_names_and_their_notice(tmp_path):
+    """A regular (non-editable) install must find the names too: they are package data in the wheel."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("microgpt-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert {"microgpt/names.txt", "microgpt/NOTICE"} <= set(archive.namelist())
+        assert hashlib.sha256(archive.read("microgpt/names.txt")).hexdigest().startswith("0a30b555")
 
 
 def test_real_file_split(names_file):
