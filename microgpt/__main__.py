@@ -1,10 +1,38 @@
-"""``python -m microgpt``: LightningCLI's fit/validate/test/predict, plus ``sample`` (argparse, no LightningCLI)."""
+"""``microgpt`` / ``python -m microgpt``: LightningCLI's fit/validate/test/predict, plus ``sample`` (torch only).
+
+This file imports neither torch nor Lightning, so that the overview below prints at once.
+"""
 
 import sys
 
+USAGE = """\
+usage: microgpt {fit,validate,test,predict,sample} [options]
+
+microgpt: a small, exact character-level GPT that learns from a file of names (one per line)
+and invents new ones. Trained with PyTorch Lightning; runs on CPU, GPU, several devices.
+
+commands:
+  fit       train a model; a recipe from configs/ gives every setting (--config)
+  validate  score a trained checkpoint on the validation names
+  test      score a trained checkpoint on the test names, or on --data.test_path
+  predict   invent names with a checkpoint through Lightning, written to a file
+  sample    invent names with a checkpoint, quickly, with torch alone
+
+example:
+  microgpt fit --config configs/names.yaml
+  microgpt sample --ckpt_path last
+
+more help:
+  microgpt fit --help       every trainer, model and data flag (also validate, test, predict)
+  microgpt sample --help    the sampling flags
+"""
+
 
 def main() -> None:
-    if sys.argv[1:2] == ["sample"]:
+    command = sys.argv[1:2]
+    if command in ([], ["-h"], ["--help"]):
+        sys.stdout.write(USAGE)
+    elif command == ["sample"]:
         from microgpt.sample import main as sample_main
 
         sample_main(sys.argv[2:])

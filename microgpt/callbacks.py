@@ -1,15 +1,25 @@
-"""Callbacks: inventing names with the model during and at the end of training, and writing predictions."""
+"""Callbacks: saving the run, inventing names during and at the end of training, writing predictions,
+and the moving average of the weights."""
 
 from __future__ import annotations
 
 import csv
+import signal
+import time
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, WeightAveraging
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import callbacks as lightning_callbacks
+from lightning.pytorch.callbacks import BasePredictionWriter, Checkpoint, WeightAveraging
+from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from microgpt.checkpoint import atomic_torch_save, load_checkpoint
+from microgpt.data import IGNORE_INDEX
 from microgpt.errors import UserError
 
 
@@ -19,6 +29,133 @@ def novelty(names: list[str], train_names: set[str], held_out_names: set[str]) -
     in_train = sum(name in train_names for name in names)
     in_held_out = sum(name in held_out_names and name not in train_names for name in names)
     return {"train": in_train / n, "held_out": in_held_out / n, "new": (n - in_train - in_held_out) / n}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Saves checkpoints by write-then-rename and loads them with ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options.")
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location: Any = "cpu", weights_only: bool | None = True) -> dict[str, Any]:
+        return load_checkpoint(path, map_location)
+
+
+class Stopped(Exception):
+    """The run was stopped by a signal after saving ``path`` at ``step``; the command line exits 128 + signum."""
+
+    def __init__(self, signum: int, step: int, path: str | Path):
+        self.signum, self.step, self.path = signum, step, Path(path)
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; saved {self.path}; "
+                         "continue with: fit ... --ckpt_path last")
+
+
+class RunCheckpoint(Checkpoint):
+    """Keeps ``last.ckpt`` (in the run's ``checkpoints`` folder) current, the checkpoint that
+    ``fit --ckpt_path last`` resumes from exactly: saved after the last step, every ``every_n_train_steps``
+    steps or ``train_time_interval`` of training when set, and when the run is stopped.
+
+    SIGTERM and the first Ctrl-C stop the run at the end of the current step, save ``last.ckpt`` there
+    and exit with 128 + the signal number; a second Ctrl-C stops at once without saving. With several
+    processes they agree on the stop (and on the clock) at every ``log_every_n_steps``-th step, the steps
+    that synchronize anyway. Nothing is saved when the run fails (e.g. on a non-finite loss), so
+    ``last.ckpt`` stays the last good one. Every checkpoint of the run is written atomically. Being a
+    Lightning ``Checkpoint``, it runs after the other callbacks' step hooks (a weight average is updated first).
+
+    Args:
+        every_n_train_steps: Also save after every this many optimizer steps.
+        train_time_interval: Also save once this much training time has passed since the last save, as
+            "h:m:s" (quote it in YAML).
+    """
+
+    STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, every_n_train_steps: int | None = None, train_time_interval: timedelta | None = None):
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise UserError(f"every_n_train_steps must be a positive integer, got {every_n_train_steps}.")
+        if train_time_interval is not None and train_time_interval.total_seconds() <= 0:
+            raise UserError(f"train_time_interval must be positive, got {train_time_interval}.")
+        self.every_n_train_steps = every_n_train_steps
+        self.seconds = train_time_interval.total_seconds() if train_time_interval is not None else None
+        self.path: Path | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._stop_signal = 0
+        self._stopped: Stopped | None = None
+        self._saved_at_step = -1
+        self._saved_at_time = 0.0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Write and read this run's checkpoints through ``AtomicCheckpointIO``."""
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Find the checkpoint folder; from here on SIGTERM and Ctrl-C only ask for a stop at the end of the step."""
+        self.path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        self._stop_signal, self._stopped = 0, None
+        self._saved_at_step, self._saved_at_time = trainer.global_step, time.monotonic()
+        try:
+            for signum in self.STOP_SIGNALS:
+                self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+        except ValueError:  # not the main thread: signals cannot be handled here
+            self._restore_handlers()
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self._stop_signal:  # pressed again: quit now
+                raise KeyboardInterrupt
+            rank_zero_info("\nCtrl-C: stopping after this step and saving a checkpoint (press again to quit at once).")
+        self._stop_signal = self._stop_signal or signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        """Save when a stop was asked for or a save is due; the point Lightning resumes from exactly.
+        A stopped run ends when the next step would start, after this step's logging has finished."""
+        step = trainer.global_step
+        signum = self._stop_signal
+        clock = self.seconds is not None and time.monotonic() - self._saved_at_time >= self.seconds
+        if trainer.world_size > 1:  # all processes decide alike, on the steps that synchronize anyway
+            if step % max(trainer.log_every_n_steps, 1):
+                signum, clock = 0, False
+            else:
+                flags = torch.tensor([signum, int(clock)], device=pl_module.device)
+                signum, clock = trainer.strategy.reduce(flags, reduce_op="max").tolist()
+        if signum and self._stopped is None:
+            self.save(trainer)
+            self._stopped = Stopped(signum, step, self.path)
+        elif clock or (self.every_n_train_steps and step % self.every_n_train_steps == 0):
+            self.save(trainer)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if self._stopped is not None:
+            raise self._stopped
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Save when this is the last epoch. Here, not at ``on_train_end``, the checkpoint holds the raw
+        weights: a weight-averaging callback swaps the average in at the end of training."""
+        loop = trainer.fit_loop
+        if (0 <= loop.max_steps <= trainer.global_step
+                or 0 <= loop.max_epochs <= loop.epoch_progress.current.processed or trainer.should_stop):
+            self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> None:
+        """Write ``last.ckpt``, unless it already holds this step."""
+        if self._saved_at_step != trainer.global_step:
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self._saved_at_step, self._saved_at_time = trainer.global_step, time.monotonic()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Save nothing: the state may be half-way through a step, or bad (a non-finite loss)."""
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
 
 
 class EMA(WeightAveraging):
@@ -125,6 +262,55 @@ def log_samples(trainer: L.Trainer, names: list[str], step: int) -> None:
                 if new_file:
                     writer.writerow(["step", "name"])
                 writer.writerows([step, n] for n in names)
+
+
+class LearningRateMonitor(lightning_callbacks.LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor`` (tags ``lr-AdamW/pg1`` and ``pg2``, the decayed and undecayed
+    parameters), idle instead of an error when the run has no logger (``--trainer.logger false``)."""
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+class Throughput(L.Callback):
+    """Logs training throughput, ``train/tokens_per_sec`` and ``train/names_per_sec`` (all processes together),
+    averaged over the steps since the previous logging step.
+
+    Lightning's ``ThroughputMonitor`` waits for the device after every batch; this counts tokens and names
+    on the device and reads them only on logging steps, which synchronize anyway.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._counts = torch.zeros(2, device=pl_module.device)  # (tokens, names) since the last logging step
+        self._since = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        targets = batch[1] != IGNORE_INDEX
+        # packed rows (inputs, targets, positions) hold a name wherever a position 0 has a target
+        names = (batch[2] == 0) & targets if len(batch) == 3 else targets[:, 0]
+        self._counts += torch.stack([targets.sum(), names.sum()])
+        every = trainer.log_every_n_steps
+        if every < 1 or trainer.global_step % every or not trainer.loggers:
+            return
+        counts = trainer.strategy.reduce(self._counts, reduce_op="sum").tolist()
+        seconds = time.perf_counter() - self._since
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"train/tokens_per_sec": counts[0] / seconds,
+                                    "train/names_per_sec": counts[1] / seconds},
+                                   step=trainer.global_step - 1)  # Lightning's step index, as for train/loss
+        self._counts.zero_()
+        self._since = time.perf_counter()
 
 
 class WriteNames(BasePredictionWriter):

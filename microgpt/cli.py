@@ -5,22 +5,43 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from microgpt.checkpoint import Stopped, find_last_checkpoint, load_checkpoint
+from microgpt.callbacks import Stopped
+from microgpt.checkpoint import find_checkpoint, load_checkpoint
 from microgpt.data import NamesDataModule
 from microgpt.errors import UserError
 from microgpt.module import MicroGPT
 
-# Noise from inside the installed Lightning, not about anything a user of microgpt can change.
+DESCRIPTIONS = {
+    "fit": "microgpt fit: train a GPT on a file of names (start from a recipe: --config configs/names.yaml).",
+    "validate": "microgpt validate: score a checkpoint (--ckpt_path) on the validation names.",
+    "test": "microgpt test: score a checkpoint (--ckpt_path) on the test names, or on --data.test_path.",
+    "predict": "microgpt predict: invent names with a checkpoint (--ckpt_path) and write them to a file.",
+}
+
+
+class WithoutLitLoggerTip(logging.Filter):
+    """Drops the one line Lightning prints on every run to advertise its cloud logger
+    (``logger_connector.py``, also with ``logger=False``); it shares its logger with microgpt's own lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(WithoutLitLoggerTip())
+# Lightning's own warnings about its internals and jsonargparse's, not about anything a user of microgpt can change.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 warnings.filterwarnings("ignore", message=r".*skip_none parameter was deprecated")
 # validate/test/predict with a weight-averaging recipe: the checkpoint's state_dict already holds the
@@ -40,19 +61,39 @@ class MicroGPTCLI(LightningCLI):
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
-        """Parse, then resolve ``--ckpt_path last`` and check the checkpoint before anything reads it."""
+        """Parse, then resolve ``--ckpt_path last`` or ``best`` and check the checkpoint before anything reads it."""
         super().parse_arguments(parser, args)
-        config = self.config.get(self.config.get("subcommand") or "", None)
-        if config is None or config.get("ckpt_path") in (None, "best", "hpc"):
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand or "", None)
+        if config is None:
             return
-        if config["ckpt_path"] == "last":
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path in ("last", "best"):
             root = config["trainer"].get("default_root_dir") or os.getcwd()
-            last = find_last_checkpoint(root)
-            if last is None:
+            found = find_checkpoint(root, ckpt_path)
+            if found is None and ckpt_path == "best":
+                raise UserError(f"--ckpt_path best: no best.ckpt under {root} (a recipe that validates during fit "
+                                "writes one); pass --ckpt_path FILE or --trainer.default_root_dir.")
+            if found is None:
                 rank_zero_warn(f"--ckpt_path last: no last.ckpt under {root}; starting from scratch.")
-            config["ckpt_path"] = None if last is None else str(last)
-        if config["ckpt_path"] is not None:
-            load_checkpoint(config["ckpt_path"])
+            ckpt_path = config["ckpt_path"] = None if found is None else str(found)
+        if ckpt_path is None and subcommand in ("validate", "test", "predict"):
+            raise UserError(f"{subcommand} needs a trained model: pass --ckpt_path FILE, last or best.")
+        if ckpt_path is not None and ckpt_path != "hpc":
+            load_checkpoint(ckpt_path)
+
+    def instantiate_trainer(self, **kwargs):
+        """Lightning's default TensorBoard logger without its ``hp_metric`` placeholder, and one line for a log
+        folder that cannot be written."""
+        config = self._get(self.config_init, "trainer", default={})
+        root = config.get("default_root_dir") or os.getcwd()
+        if config.get("logger") in (None, True):  # Lightning reads None as its default logger
+            kwargs.setdefault("logger", TensorBoardLogger(root, default_hp_metric=False))
+        trainer = super().instantiate_trainer(**kwargs)
+        for folder, flag in [(root, "--trainer.default_root_dir"),
+                             *[(logger.save_dir, "--trainer.logger.save_dir") for logger in trainer.loggers]]:
+            check_writable(folder, flag)
+        return trainer
 
     def before_fit(self) -> None:
         self.fit_started = time.perf_counter()
@@ -83,7 +124,8 @@ def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
             NamesDataModule,
             args=args,
             run=run,
-            parser_kwargs={"prog": "microgpt"},
+            parser_kwargs={"prog": "microgpt", "description": "microgpt: a character-level GPT for names.",
+                           **{sub: {"description": text} for sub, text in DESCRIPTIONS.items()}},
             save_config_kwargs={"overwrite": True},
         )
     except Stopped as stop:
@@ -98,6 +140,19 @@ def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
             raise
         print(f"microgpt: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def check_writable(folder: str | os.PathLike | None, flag: str) -> None:
+    """Refuse, in one line that names ``flag``, a folder that cannot be created or written to."""
+    if folder is None:
+        return
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{path}: cannot create this folder ({err.strerror}); choose another with {flag}.") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot write to this folder; choose another with {flag}.")
 
 
 def user_error_behind(err: BaseException) -> Exception | None:

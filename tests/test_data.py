@@ -6,13 +6,10 @@ import subprocess
 import sys
 import zipfile
 
-import pytest
+from conftest import ROOT
 
 from microgpt.data import IGNORE_INDEX, NamesDataModule, encode_names, read_names
-from microgpt.errors import UserError
 from microgpt.tokenizer import CharTokenizer
-
-from conftest import ROOT
 
 
 def test_read_names_strips_and_drops_blank_lines(tmp_path):

@@ -23,7 +23,7 @@ STEPS = 150
 EVERY = 10
 
 CALLBACK_LIST = [
-    {"class_path": "microgpt.checkpoint.RunCheckpoint", "init_args": {"every_n_train_steps": EVERY}},
+    {"class_path": "microgpt.callbacks.RunCheckpoint", "init_args": {"every_n_train_steps": EVERY}},
     {"class_path": "microgpt.callbacks.SampleNames", "init_args": {"num_samples": 10}},
 ]
 CALLBACKS = json.dumps(CALLBACK_LIST)
@@ -169,7 +169,7 @@ def test_a_run_with_weight_averaging_resumes_to_the_same_average_and_weights(nam
 def test_the_steps_after_the_last_periodic_checkpoint_are_saved(names, tmp_path):
     """``max_steps`` 7 with a checkpoint every 5 steps: ``last.ckpt`` still holds step 7, and with a moving
     average it keeps the trained weights themselves (those of the same run without the average) beside it."""
-    checkpoint = {"class_path": "microgpt.checkpoint.RunCheckpoint", "init_args": {"every_n_train_steps": 5}}
+    checkpoint = {"class_path": "microgpt.callbacks.RunCheckpoint", "init_args": {"every_n_train_steps": 5}}
     average = {"class_path": "microgpt.callbacks.EMA", "init_args": {"decay": 0.5}}
 
     def fit(root: Path, callbacks: list) -> dict:
@@ -288,7 +288,7 @@ def test_a_bad_checkpoint_is_one_line(checkpoint, tmp_path, capsys, make, proble
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("anna\nbob\ncarla\ndave\neve\nfiona\n")
-    callbacks = '[{"class_path": "microgpt.checkpoint.RunCheckpoint", "init_args": {"every_n_train_steps": 1}}]'
+    callbacks = '[{"class_path": "microgpt.callbacks.RunCheckpoint", "init_args": {"every_n_train_steps": 1}}]'
     result = run([sys.executable, "-m", "microgpt", "fit", "--config", CONFIG, "--data.path", str(names),
                   "--data.val_size", "2", "--model.lr", "1e30", "--trainer.max_steps", "20",
                   "--trainer.callbacks", callbacks, "--trainer.logger", "false",
