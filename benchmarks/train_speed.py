@@ -1,15 +1,20 @@
 """Training speed of the Lightning project against a plain PyTorch loop of the same model, data and optimizer.
 
-    python benchmarks/train_speed.py --names ../shared/data/names.txt            # about 2-3 minutes
-    python benchmarks/train_speed.py --names ../shared/data/names.txt --quick    # about 1 minute
-    python benchmarks/train_speed.py --names ../shared/data/names.txt --profile  # where Lightning's time goes
+    python benchmarks/train_speed.py --names ../shared/data/names.txt            # the three goals, ~5 minutes
+    python benchmarks/train_speed.py --names ../shared/data/names.txt --lean     # in-process steps/s, lean Trainer
+    python benchmarks/train_speed.py --names ../shared/data/names.txt --profile  # where a default-config step goes
 
-Throughput: in one process, rounds alternate (a) ``Trainer.fit`` of ``microgpt.module.MicroGPT`` in a lean
-set-up (no logger, checkpointing, progress bar or validation) and (b) a loop over ``microgpt.model.GPT``
-with the same batches in the same order, AdamW with the same groups and the same warmup + cosine
-schedule. Steps per second count the steps after the first tenth (warm-up excluded); the best round
-of each side is reported. End to end: ``python -m microgpt fit --config configs/names.yaml`` (as shipped,
-and lean) against this file run as a plain script (``--plain-script``: read, train, score, sample, save).
+The goals (default): every figure is the wall time of a fresh process, as a user runs it, median of
+``--rounds``. (1) The seed recipe end to end, ``microgpt fit --config configs/names.yaml`` as shipped,
+against this file run as a plain script (``--plain-script``: read, train, score, sample, save). (2, 3) The
+marginal step time of the shipped config, ``(T(long run) - T(short run)) / extra steps``, against the same
+difference for the plain script: the seed model at batch 1 (``names.yaml``) and makemore's size
+(``names-batched.yaml`` with ``--model.n_layer 4``: 4 layers, 64-dim, context 16, batch 32). Start-up,
+scoring and sampling cancel out of (2) and (3). The plain loop uses the same ``microgpt.model.GPT`` (three
+q/k/v matrices), batches, AdamW groups and schedule.
+
+``--lean``: in one process, rounds alternate ``Trainer.fit`` of ``MicroGPT`` with no logger, checkpointing,
+progress bar or validation, and the plain loop; steps per second after the first tenth, best round.
 """
 
 from __future__ import annotations
@@ -134,38 +139,63 @@ def throughput(names: Path, rounds: int, scale: float) -> None:
             print(f"{label:<66} {side:<10} {1 / sec:>9.1f} {tokens / timed / sec:>10.0f} {ratio:>16}")
 
 
-def end_to_end(names: Path) -> None:
-    lean = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
-            "false", "--trainer.enable_checkpointing", "false",
-            "--trainer.callbacks", '[{"class_path": "microgpt.callbacks.SampleNames"}]']
+GOALS = {  # label: (config, extra flags, plain-script settings, short steps, long steps)
+    "seed model at batch 1 (configs/names.yaml)": ("names.yaml", [], {"batch_size": 1, "n_embd": 16, "n_layer": 1,
+                                                                            "block_size": 8}, 100, 2100),
+    "makemore size: batch 32, 64-dim, 4 layers, context 16 (names-batched.yaml, n_layer 4)":
+        ("names-batched.yaml", ["--model.n_layer", "4"], {"batch_size": 32, "n_embd": 64, "n_layer": 4, "block_size": 16},
+         50, 350),
+}
+
+
+def wall(args: list[str], cwd: str) -> float:
+    """Seconds a fresh ``python ARGS`` takes, start to exit."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    print("\nEnd to end, seed recipe (500 steps, score 1000 held-out names, 20 samples), wall seconds")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *args], check=True, capture_output=True, env=env, cwd=cwd)
+    return time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def goals(names: Path, rounds: int) -> None:
+    """The issue's three rows, each a median of ``rounds`` fresh-process measurements, sides alternating."""
+    print(f"Fresh processes, median of {rounds}; ratio = Lightning (shipped config) / plain script\n")
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {
-            "python -m microgpt fit --config configs/names.yaml": ["-m", "microgpt", "fit", "--config",
-                                                                  str(ROOT / "configs" / "names.yaml")],
-            "  ... lean (no logger, checkpoint, progress bar, summary)": ["-m", "microgpt", "fit", "--config",
-                                                                         str(ROOT / "configs" / "names.yaml"), *lean],
-            "python benchmarks/train_speed.py --plain-script": [__file__, "--plain-script"],
-        }
-        seconds = {}
-        for label, args in runs.items():
-            extra = ["--names", str(names)] if "--plain-script" in args else [
-                "--data.path", str(names), "--trainer.default_root_dir", tmp]
-            start = time.perf_counter()
-            subprocess.run([sys.executable, *args, *extra], check=True, capture_output=True, env=env, cwd=tmp)
-            seconds[label] = time.perf_counter() - start
-        plain = seconds["python benchmarks/train_speed.py --plain-script"]
-        for label, sec in seconds.items():
-            print(f"{label:<66} {sec:>6.2f} s  {sec / plain:>5.2f}x plain")
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import microgpt.cli"], check=True, env=env, cwd=tmp)
-        label = 'python -c "import microgpt.cli" (the start-up imports)'
-        print(f"{label:<66} {time.perf_counter() - start:>6.2f} s")
+        def fit(config: str, extra: list[str], steps: int | None = None) -> float:
+            steps_flag = [] if steps is None else ["--trainer.max_steps", str(steps)]
+            return wall(["-m", "microgpt", "fit", "--config", str(ROOT / "configs" / config), *extra, *steps_flag,
+                         "--data.path", str(names), "--trainer.default_root_dir", tmp], tmp)
+
+        def plain(settings: dict, steps: int = 500) -> float:
+            flags = [f"--{k}={v}" for k, v in {**settings, "steps": steps}.items()]
+            return wall([__file__, "--plain-script", "--names", str(names), *flags], tmp)
+
+        lightning, baseline = [], []
+        for _ in range(rounds):
+            lightning.append(fit("names.yaml", []))
+            baseline.append(plain(GOALS["seed model at batch 1 (configs/names.yaml)"][2]))
+        a, b = median(lightning), median(baseline)
+        print(f"{'seed recipe end to end: microgpt fit --config configs/names.yaml':<90} {a:7.2f} s")
+        print(f"{'  the plain script (500 steps, score 1000 names, 20 samples)':<90} {b:7.2f} s   {a / b:.2f}x")
+        for label, (config, extra, settings, short, long) in GOALS.items():
+            lightning, baseline = [], []
+            for _ in range(rounds):
+                lightning.append((fit(config, extra, long) - fit(config, extra, short)) / (long - short))
+                baseline.append((plain(settings, long) - plain(settings, short)) / (long - short))
+            a, b = median(lightning), median(baseline)
+            print(f"{'marginal step, ' + label:<90} {1000 * a:7.3f} ms")
+            print(f"{'  the plain script':<90} {1000 * b:7.3f} ms   {a / b:.2f}x")
+        for label, code in [("python -c 'import torch'", "import torch"),
+                            ("python -c 'import microgpt.cli' (the start-up imports of fit)", "import microgpt.cli")]:
+            print(f"{label:<90} {median([wall(['-c', code], tmp) for _ in range(rounds)]):7.2f} s")
 
 
-def plain_script(names: Path) -> None:
-    """The seed recipe end to end without a framework (torch and the GPT class only): read, train, score, sample, save."""
+def plain_script(names: Path, steps: int = 500, batch_size: int = 1, n_embd: int = 16, n_layer: int = 1,
+                 block_size: int = 8) -> None:
+    """A recipe end to end without a framework (torch and the GPT class only): read, train, score, sample, save."""
     import random
 
     lines = [n.strip() for n in names.read_text(encoding="utf-8").splitlines() if n.strip()]
@@ -174,35 +204,52 @@ def plain_script(names: Path) -> None:
     chars = sorted(set("".join(lines)))
     stoi, bos = {c: i for i, c in enumerate(chars)}, len(chars)
 
-    def encode(name: str) -> torch.Tensor:
-        return torch.tensor(([bos] + [stoi[c] for c in name] + [bos])[:9])
+    def encode(name: str) -> list[int]:
+        return ([bos] + [stoi[c] for c in name] + [bos])[: block_size + 1]
+
+    def batch(names_: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [encode(name) for name in names_]
+        width = max(map(len, rows))
+        x = torch.tensor([r[:-1] + [bos] * (width - len(r)) for r in rows])
+        y = torch.tensor([r[1:] + [-100] * (width - len(r)) for r in rows])
+        return x, y
 
     torch.manual_seed(42)
-    gpt = GPT(len(chars) + 1, 16, 4, 1, 8)
-    opt, schedule = optimizer_and_schedule(gpt, 1e-2, 500)
-    for step in range(500):
-        tokens = encode(train[step % len(train)])
-        loss = F.cross_entropy(gpt(tokens[None, :-1])[0], tokens[1:])
+    gpt = GPT(len(chars) + 1, n_embd, 4, n_layer, block_size)
+    opt, schedule = optimizer_and_schedule(gpt, 1e-2, steps)
+    for step in range(steps):
+        x, y = batch([train[(step * batch_size + i) % len(train)] for i in range(batch_size)])
+        loss = F.cross_entropy(gpt(x).flatten(0, 1), y.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         schedule.step()
     gpt.eval()
     with torch.no_grad():
-        held_out = [encode(name) for name in val]
-        nll = sum(F.cross_entropy(gpt(t[None, :-1])[0], t[1:], reduction="sum") for t in held_out)
-    print(f"val loss {float(nll) / sum(len(t) - 1 for t in held_out):.4f}")
+        x, y = batch(val)
+        nll = F.cross_entropy(gpt(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+    print(f"val loss {float(nll):.4f}")
     for i, ids in enumerate(gpt.generate([bos], 20, bos, temperature=0.5), 1):
         print(f"sample {i:2d}: {''.join(chars[t] for t in ids)}")
     torch.save(gpt.state_dict(), "plain_seed.pt")
 
 
-def profile_lightning(names: Path) -> None:
-    """cProfile the lean Lightning loop at batch 1; split its own time by package and list Lightning's hot spots."""
-    s = SETTINGS["seed (batch 1, 16-dim, 1 layer, context 8)"]
-    lightning_train(names, **{k: v for k, v in s.items() if k != "steps"}, steps=s["steps"])  # warm caches
+def profile_lightning(names: Path, steps: int = 2000) -> None:
+    """cProfile ``fit --config configs/names.yaml`` as shipped (progress bar to /dev/null), for ``steps`` steps;
+    split its own time by package, break one step down, and list Lightning's hot spots."""
+    import contextlib
+
+    from microgpt.cli import main as cli_main
+
     profile = cProfile.Profile()
-    lightning_train(names, **{k: v for k, v in s.items() if k != "steps"}, steps=s["steps"], profile=profile)
+    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as null, \
+            contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        cli = cli_main(["--config", str(ROOT / "configs" / "names.yaml"), "--data.path", str(names),
+                        "--trainer.max_steps", str(steps), "--trainer.default_root_dir", tmp], run=False)
+        profile.enable()
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        profile.disable()
+    s = {"steps": steps}
     stats = pstats.Stats(profile)
     by_package: dict[str, float] = defaultdict(float)
     for (file, _, _), (_, _, tottime, _, _) in stats.stats.items():
@@ -217,7 +264,7 @@ def profile_lightning(names: Path) -> None:
             package = "python stdlib"
         by_package[package] += tottime
     total = sum(by_package.values())
-    print(f"\nProfile of the lean Lightning fit at batch 1, {s['steps']} steps: {total:.2f} s of own time by package")
+    print(f"\nProfile of the shipped seed recipe's fit, {s['steps']} steps: {total:.2f} s of own time by package")
     for package, sec in sorted(by_package.items(), key=lambda kv: -kv[1]):
         print(f"  {package:<40} {sec:>6.2f} s  {100 * sec / total:>5.1f}%")
     cumulative: dict[tuple[str, str], float] = defaultdict(float)
@@ -237,14 +284,17 @@ def profile_lightning(names: Path) -> None:
         "zero_grad": cum("torch/optim/optimizer.py", "zero_grad"),
         "lr schedule step": cum("lightning/pytorch/loops/training_epoch_loop.py", "update_lr_schedulers"),
         "next batch (Lightning fetcher, DataLoader, TrainBatches)": cum("loops/fetchers.py", "__next__"),
-        "callback hooks": cum("lightning/pytorch/trainer/call.py", "_call_callback_hooks"),
+        "callback hooks (all)": cum("lightning/pytorch/trainer/call.py", "_call_callback_hooks"),
+        "  of which the progress bar": cum("progress/tqdm_progress.py", "on_train_batch_end")
+        + cum("progress/tqdm_progress.py", "on_train_batch_start"),
+        "  of which checkpoint saves": cum("lightning/pytorch/trainer/trainer.py", "save_checkpoint"),
         "logger connector at batch end": cum("logger_connector.py", "on_batch_end")
         + cum("logger_connector.py", "update_train_step_metrics"),
     }
     print(f"\nOne training step, {1000 * loop / s['steps']:.2f} ms (cumulative, profiler overhead included):")
     for label, sec in parts.items():
         print(f"  {label:<60} {1000 * sec / s['steps']:>6.3f} ms")
-    rest = loop - sum(parts.values())
+    rest = loop - sum(v for k, v in parts.items() if not k.startswith("  "))
     print(f"  {'the rest: the loop machinery, hooks on the module, progress tracking':<60} "
           f"{1000 * rest / s['steps']:>6.3f} ms")
     print("\nLightning functions by own time (top 15):")
@@ -254,25 +304,28 @@ def profile_lightning(names: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--names", type=Path, default=ROOT / "data" / "names.txt", help="makemore's names.txt")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per setting")
-    parser.add_argument("--quick", action="store_true", help="a third of the steps and no end-to-end runs")
-    parser.add_argument("--profile", action="store_true", help="only profile the Lightning loop at batch 1")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per figure (median) or rounds (best)")
+    parser.add_argument("--lean", action="store_true", help="in-process steps/s of a lean Trainer against the plain loop")
+    parser.add_argument("--quick", action="store_true", help="with --lean: a third of the steps")
+    parser.add_argument("--profile", action="store_true", help="profile the shipped seed config in this process")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a busy "
                         "machine 1 avoids idle threads spinning against other processes")
     parser.add_argument("--plain-script", action="store_true", help=argparse.SUPPRESS)
+    for flag, default in [("steps", 500), ("batch_size", 1), ("n_embd", 16), ("n_layer", 1), ("block_size", 8)]:
+        parser.add_argument(f"--{flag}", type=int, default=default, help=argparse.SUPPRESS)
     args = parser.parse_args()
     names = args.names.resolve()
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the end-to-end subprocesses
     if args.plain_script:
-        return plain_script(names)
+        return plain_script(names, args.steps, args.batch_size, args.n_embd, args.n_layer, args.block_size)
     if args.profile:
         return profile_lightning(names)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    throughput(names, args.rounds, 1 / 3 if args.quick else 1.0)
-    if not args.quick:
-        end_to_end(names)
+    if args.lean:
+        return throughput(names, args.rounds, 1 / 3 if args.quick else 1.0)
+    goals(names, args.rounds)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import callbacks as lightning_callbacks
-from lightning.pytorch.callbacks import BasePredictionWriter, Checkpoint, WeightAveraging
+from lightning.pytorch.callbacks import BasePredictionWriter, Checkpoint, TQDMProgressBar, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
@@ -279,6 +279,26 @@ class LearningRateMonitor(lightning_callbacks.LearningRateMonitor):
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         if trainer.loggers:
             super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, redrawn at most ``refreshes_per_second`` times a second (and after the last
+    step) instead of after every step, which at batch 1 costs as much as a fifth of the step.
+
+    Args:
+        refreshes_per_second: How often the training bar may be redrawn.
+    """
+
+    def __init__(self, refreshes_per_second: float = 4.0):
+        super().__init__()
+        self.interval = 1 / refreshes_per_second
+        self._drawn_at = 0.0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        now = time.monotonic()
+        if now - self._drawn_at >= self.interval or trainer.global_step == trainer.max_steps:
+            self._drawn_at = now
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
 
 class Throughput(L.Callback):

@@ -13,12 +13,14 @@ import time
 import warnings
 from pathlib import Path
 
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from microgpt.callbacks import Stopped
+from microgpt.callbacks import ProgressBar, Stopped, WriteNames
 from microgpt.checkpoint import find_checkpoint, load_checkpoint
 from microgpt.data import NamesDataModule
 from microgpt.errors import UserError
@@ -83,12 +85,19 @@ class MicroGPTCLI(LightningCLI):
             load_checkpoint(ckpt_path)
 
     def instantiate_trainer(self, **kwargs):
-        """Lightning's default TensorBoard logger without its ``hp_metric`` placeholder, and one line for a log
-        folder that cannot be written."""
+        """Lightning's default TensorBoard logger without its ``hp_metric`` placeholder; ``predict`` writes its
+        names with ``WriteNames`` unless the recipe brings a prediction writer; a progress bar that is not
+        redrawn every step; one line for a log folder that cannot be written."""
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or os.getcwd()
         if config.get("logger") in (None, True):  # Lightning reads None as its default logger
             kwargs.setdefault("logger", TensorBoardLogger(root, default_hp_metric=False))
+        callbacks = list(config.get("callbacks") or [])
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
+            callbacks.append(WriteNames())
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, LightningProgressBar) for c in callbacks):
+            callbacks.append(ProgressBar())  # Lightning's bar, drawn a few times a second rather than every step
+        kwargs.setdefault("callbacks", callbacks)
         trainer = super().instantiate_trainer(**kwargs)
         for folder, flag in [(root, "--trainer.default_root_dir"),
                              *[(logger.save_dir, "--trainer.logger.save_dir") for logger in trainer.loggers]]:

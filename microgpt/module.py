@@ -138,18 +138,34 @@ class MicroGPT(L.LightningModule):
         else:
             loss = nll / count
             batch_loss = loss.detach()
-        if not torch.isfinite(batch_loss):  # the same global value on every process, so all stop together
-            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-            raise NonFiniteLoss(
-                f"the training loss is {float(batch_loss)} at step {self.global_step + 1} (lr {lr:.6g}); "
-                "stopped without saving, so the last checkpoint is the last good one."
-            )
         self.last_train_loss = batch_loss
+        # The first step with a non-finite loss, kept on the device (the same global value on every process):
+        # read only where the host waits anyway, on logging steps and before any checkpoint is written.
+        first = ~torch.isfinite(batch_loss) & (self.first_nonfinite_step == 0)
+        self.first_nonfinite_step = torch.where(first, self.global_step + 1, self.first_nonfinite_step)
+        self.first_nonfinite_loss = torch.where(first, batch_loss, self.first_nonfinite_loss)
         if self.logs_this_step():
+            self.stop_if_nonfinite()
             # Loggers only: Lightning turns progress-bar metrics into Python floats after every step,
             # a host sync per step.
             self.log("train/loss", batch_loss)
         return loss
+
+    def on_train_start(self) -> None:
+        self.first_nonfinite_step = torch.zeros((), dtype=torch.long, device=self.device)
+        self.first_nonfinite_loss = torch.zeros((), device=self.device)
+
+    def stop_if_nonfinite(self) -> None:
+        """Raise ``NonFiniteLoss`` naming the first step whose training loss was NaN or infinite, if any."""
+        step = int(getattr(self, "first_nonfinite_step", 0))
+        if step:
+            hp = self.hparams
+            lr = hp.lr * lr_factor(step - 1, int(self.trainer.estimated_stepping_batches), hp.warmup_steps,
+                                   hp.min_lr / hp.lr)
+            raise NonFiniteLoss(
+                f"the training loss is {float(self.first_nonfinite_loss)} at step {step} (lr {lr:.6g}); "
+                "stopped without saving, so the last checkpoint is the last good one."
+            )
 
     def logs_this_step(self) -> bool:
         """Whether the loggers write at the step being trained: every ``log_every_n_steps`` steps.
@@ -194,7 +210,9 @@ class MicroGPT(L.LightningModule):
                                                  self.trainer.strategy.root_device)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Store the format version and the random state that dropout and sampling draw from."""
+        """Refuse to save weights trained on a non-finite loss; store the format version and the random
+        state that dropout and sampling draw from."""
+        self.stop_if_nonfinite()
         checkpoint[FORMAT_KEY] = FORMAT
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():

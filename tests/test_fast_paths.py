@@ -65,12 +65,12 @@ def test_compiled_loss_and_gradients_equal_eager():
 
 
 def count_host_syncs(monkeypatch) -> list[str]:
-    """Record the ``Tensor.item`` and ``float(tensor)`` calls (both copy a value to the host) made from now on
-    by code outside torch itself; torch's own (Adam's step counter, the loader's seed) are made on CPU
-    tensors, by a plain loop too."""
+    """Record the calls that copy a tensor's value to the host (``item``, ``float``, ``int``, ``bool``,
+    ``tolist``, ``.cpu()``) made from now on by code outside torch itself; torch's own (Adam's step counter,
+    the loader's seed) are made on CPU tensors, by a plain loop too."""
     calls = []
     torch_dir = os.path.dirname(torch.__file__)
-    for name in ("item", "__float__"):
+    for name in ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "cpu"):
         original = getattr(torch.Tensor, name)
 
         def patched(tensor, _original=original, _name=name):
@@ -83,12 +83,39 @@ def count_host_syncs(monkeypatch) -> list[str]:
     return calls
 
 
-def test_training_steps_make_no_host_sync_without_logging(tiny_names, tmp_path, monkeypatch):
-    data = NamesDataModule(path=str(tiny_names), block_size=8, batch_size=4, val_size=4)
+class CountSyncsInSteps(L.Callback):
+    """Counts the host syncs made between the start of a training step and the end of its callbacks' work,
+    excluding the steps that log (every ``log_every_n_steps``) or save a checkpoint."""
+
+    def __init__(self, monkeypatch, skip_steps: set[int]):
+        self.calls, self.counting, self.skip_steps = count_host_syncs(monkeypatch), False, skip_steps
+        self.per_step: dict[int, list[str]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.calls.clear()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step not in self.skip_steps:
+            self.per_step[trainer.global_step] = list(self.calls)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_training_steps_make_no_host_sync_without_logging(tiny_names, tmp_path, monkeypatch, pack):
+    """The recipes' own callbacks, logger and all: a step that neither logs nor saves never waits for the device."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from microgpt.callbacks import EMA, LearningRateMonitor, RunCheckpoint, SampleNames, Throughput
+
+    data = NamesDataModule(path=str(tiny_names), block_size=8, batch_size=4, val_size=4, pack=pack)
     model = MicroGPT(data.vocab, n_embd=16, n_head=4, n_layer=1, block_size=8)
-    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
-    calls = count_host_syncs(monkeypatch)
+    counter = CountSyncsInSteps(monkeypatch, skip_steps={3, 6, 8})
+    callbacks = [ModelCheckpoint(monitor="val/loss", filename="best"), RunCheckpoint(every_n_train_steps=6),
+                 LearningRateMonitor(), Throughput(), EMA(), SampleNames(num_samples=2), counter]
+    trainer = L.Trainer(max_steps=8, logger=TensorBoardLogger(tmp_path), log_every_n_steps=3,
+                        enable_progress_bar=False, enable_model_summary=False, val_check_interval=8,
+                        check_val_every_n_epoch=None, callbacks=callbacks, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=data)
-    assert trainer.global_step == 6
-    assert calls == []
+    assert trainer.global_step == 8
+    assert sorted(counter.per_step) == [1, 2, 4, 5, 7]
+    assert counter.per_step == {step: [] for step in [1, 2, 4, 5, 7]}
