@@ -49,8 +49,6 @@ warnings.filterwarnings("ignore", message=r".*skip_none parameter was deprecated
 # validate/test/predict with a weight-averaging recipe: the checkpoint's state_dict already holds the
 # averaged weights, which is what those commands should score, so there is nothing to restore.
 warnings.filterwarnings("ignore", message=r".*WeightAveraging callback, but loading a checkpoint outside the 'fit'")
-# validate/test from a run's checkpoint writes nothing, so the checkpoint callback's new folder does not matter
-warnings.filterwarnings("ignore", message=r".*The dirpath has changed from")
 # predict: the names come from an iterable dataset, which has no batch indices, and WriteNames needs none
 warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices")
 
@@ -79,8 +77,12 @@ class MicroGPTCLI(LightningCLI):
             if found is None:
                 rank_zero_warn(f"--ckpt_path last: no last.ckpt under {root}; starting from scratch.")
             ckpt_path = config["ckpt_path"] = None if found is None else str(found)
-        if ckpt_path is None and subcommand in ("validate", "test", "predict"):
-            raise UserError(f"{subcommand} needs a trained model: pass --ckpt_path FILE, last or best.")
+        if subcommand in ("validate", "test", "predict"):
+            if ckpt_path is None:
+                raise UserError(f"{subcommand} needs a trained model: pass --ckpt_path FILE, last or best.")
+            # they save no checkpoint, so that the checkpoint callbacks' folder differs from the run's is moot
+            # (a resumed fit still says so: its best.ckpt starts afresh in the new folder)
+            warnings.filterwarnings("ignore", message=r".*The dirpath has changed from")
         if ckpt_path is not None and ckpt_path != "hpc":
             load_checkpoint(ckpt_path)
 
