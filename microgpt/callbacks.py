@@ -83,7 +83,7 @@ class RunCheckpoint(Checkpoint):
         self._previous_handlers: dict[int, Any] = {}
         self._stop_signal = 0
         self._stopped: Stopped | None = None
-        self._saved_at_step = -1
+        self._saved_at_step = self._seen_step = -1
         self._saved_at_time = 0.0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -96,6 +96,7 @@ class RunCheckpoint(Checkpoint):
         self.path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         self._stop_signal, self._stopped = 0, None
         self._saved_at_step, self._saved_at_time = trainer.global_step, time.monotonic()
+        self._seen_step = trainer.global_step
         try:
             for signum in self.STOP_SIGNALS:
                 self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
@@ -111,8 +112,12 @@ class RunCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         """Save when a stop was asked for or a save is due; the point Lightning resumes from exactly.
-        A stopped run ends when the next step would start, after this step's logging has finished."""
+        A stopped run ends when the next step would start, after this step's logging has finished.
+        With accumulated micro-batches, only the ones that end an optimizer step count."""
         step = trainer.global_step
+        if step == self._seen_step:  # no optimizer step in this batch: mid-accumulation
+            return
+        self._seen_step = step
         signum = self._stop_signal
         clock = self.seconds is not None and time.monotonic() - self._saved_at_time >= self.seconds
         if trainer.world_size > 1:  # all processes decide alike, on the steps that synchronize anyway

@@ -204,7 +204,7 @@ class NamesDataModule(L.LightningDataModule):
     Args:
         path: UTF-8 text file with one name per line; unset, makemore's names.txt that ships with microgpt.
         block_size: Context length; set it with --model.block_size, which is linked here.
-        batch_size: Names per optimizer step, summed over all devices.
+        batch_size: Names per batch, summed over all devices (an optimizer step takes accumulate_grad_batches batches).
         val_size: Number of names held out for validation: the last ones after the seeded shuffle (before any test names).
         test_size: Number of names held out for testing, the very last ones; 0 tests on the validation names.
         test_path: A separate file of names to test on instead of the held-out split.

@@ -123,14 +123,22 @@ class MicroGPT(L.LightningModule):
         return nll[targets.flatten() != IGNORE_INDEX]
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        """The mean NLL over every target token of the global batch, whichever process holds the token.
+        """The mean NLL over every target token of the optimizer step, whichever process and micro-batch
+        holds the token.
 
         With W processes, each one's loss is its NLL sum divided by the global token count, times W:
         DDP averages the gradients over processes, so the update equals one process on the whole batch.
+        With ``--trainer.accumulate_grad_batches N`` the token count of all N micro-batches is known only
+        after the last one: each returns its NLL sum, and ``on_before_optimizer_step`` scales the summed
+        gradients, so the update equals one step on all N micro-batches at once.
         """
         logits, targets = self.logits(batch)
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         count = (targets != IGNORE_INDEX).sum().to(nll.dtype)
+        if self.trainer.accumulate_grad_batches > 1:
+            sums = torch.stack([nll.detach(), count])
+            self.accumulated = sums if self.accumulated is None else self.accumulated + sums
+            return nll
         world_size = self.trainer.world_size
         if world_size > 1:
             nll_total, count_total = self.trainer.strategy.reduce(torch.stack([nll.detach(), count]), reduce_op="sum")
@@ -138,9 +146,28 @@ class MicroGPT(L.LightningModule):
         else:
             loss = nll / count
             batch_loss = loss.detach()
+        self.end_step(batch_loss)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """With accumulated micro-batches, scale the summed gradients to the mean over all their tokens
+        (Lightning has divided each micro-batch's loss by N, and DDP averages over the W processes)."""
+        accumulate = self.trainer.accumulate_grad_batches
+        if accumulate == 1:
+            return
+        nll_total, count_total = self.trainer.strategy.reduce(self.accumulated, reduce_op="sum")
+        self.accumulated = None
+        scale = accumulate * self.trainer.world_size / count_total
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        self.end_step(nll_total / count_total)
+
+    def end_step(self, batch_loss: torch.Tensor) -> None:
+        """Keep the step's loss (the same global value on every process), and log it on logging steps."""
         self.last_train_loss = batch_loss
-        # The first step with a non-finite loss, kept on the device (the same global value on every process):
-        # read only where the host waits anyway, on logging steps and before any checkpoint is written.
+        # The first step with a non-finite loss, kept on the device: read only where the host waits anyway,
+        # on logging steps and before any checkpoint is written.
         first = ~torch.isfinite(batch_loss) & (self.first_nonfinite_step == 0)
         self.first_nonfinite_step = torch.where(first, self.global_step + 1, self.first_nonfinite_step)
         self.first_nonfinite_loss = torch.where(first, batch_loss, self.first_nonfinite_loss)
@@ -149,9 +176,9 @@ class MicroGPT(L.LightningModule):
             # Loggers only: Lightning turns progress-bar metrics into Python floats after every step,
             # a host sync per step.
             self.log("train/loss", batch_loss)
-        return loss
 
     def on_train_start(self) -> None:
+        self.accumulated: torch.Tensor | None = None  # (NLL sum, token count) of the micro-batches so far
         self.first_nonfinite_step = torch.zeros((), dtype=torch.long, device=self.device)
         self.first_nonfinite_loss = torch.zeros((), device=self.device)
 
