@@ -37,13 +37,19 @@ class MicroGPTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.block_size", "data.block_size", apply_on="parse")
-        parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+        parser.link_arguments("data.vocab", "model.vocab", compute_fn=self.model_vocab, apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
         """Parse, then resolve ``--ckpt_path last`` and check the checkpoint before anything reads it."""
         super().parse_arguments(parser, args)
+        self.checkpoint = None
         config = self.config.get(self.config.get("subcommand") or "", None)
-        if config is None or config.get("ckpt_path") in (None, "best", "hpc"):
+        if config is None or config.get("ckpt_path") is None:
+            return
+        if config["model"].get("init_from"):
+            raise UserError("--model.init_from starts a new run from a checkpoint's weights and --ckpt_path resumes "
+                            "a run: pass only one (to continue a fine-tuning run, drop --model.init_from).")
+        if config["ckpt_path"] in ("best", "hpc"):
             return
         if config["ckpt_path"] == "last":
             root = config["trainer"].get("default_root_dir") or os.getcwd()
@@ -52,7 +58,19 @@ class MicroGPTCLI(LightningCLI):
                 rank_zero_warn(f"--ckpt_path last: no last.ckpt under {root}; starting from scratch.")
             config["ckpt_path"] = None if last is None else str(last)
         if config["ckpt_path"] is not None:
-            load_checkpoint(config["ckpt_path"])
+            vocab = load_checkpoint(config["ckpt_path"]).get("hyper_parameters", {}).get("vocab")
+            self.checkpoint = None if vocab is None else (config["ckpt_path"], vocab)
+
+    def model_vocab(self, vocab: str) -> str:
+        """The model's vocabulary: the data's, or with ``--ckpt_path`` the checkpoint's, which must hold the data's."""
+        if self.checkpoint is None:
+            return vocab
+        path, known = self.checkpoint
+        new = "".join(sorted(set(vocab) - set(known)))
+        if new and self.config["subcommand"] == "fit":
+            raise UserError(f"{path}: the data has characters this run's model does not know: {new!r}; to train "
+                            f"on a new list, start a new run from its weights with --model.init_from {path}.")
+        return known
 
     def before_fit(self) -> None:
         self.fit_started = time.perf_counter()
