@@ -256,3 +256,15 @@ def test_resuming_on_new_characters_points_to_init_from(pretrained, tmp_path, ca
                     f"'yz'; to train on a new list, start a new run from its weights with --model.init_from "
                     f"{pretrained}.")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_finetune_recipe_keeps_the_best_checkpoint(pretrained, tmp_path):
+    names = write_names(tmp_path / "znames.txt", Z_NAMES)
+    cli = main(["fit", "--config", CONFIG, "--config", str(ROOT / "configs" / "finetune.yaml"),
+                "--model.init_from", str(pretrained), "--data.path", str(names), "--data.val_size", "4",
+                "--trainer.max_steps", "6", "--trainer.val_check_interval", "2", "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.model.hparams.lr == 0.0005
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["hyper_parameters"]["vocab"] == "abcdefgijklmnoprstuvyz"
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
