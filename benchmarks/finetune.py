@@ -75,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init_from", help="a checkpoint of names-best (default: pretrain one here)")
     parser.add_argument("--pretrain_steps", type=int, default=2000, help="steps of names-best when pretraining")
-    parser.add_argument("--steps", type=int, default=300, help="steps of every run on the small list")
+    parser.add_argument("--steps", type=int, default=100, help="steps of every run on the small list")
     parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="finetune-"))
@@ -98,7 +98,7 @@ def main() -> None:
         print(f"{label}: {len(names)} names, 50 held out; {args.steps} steps from {start}")
         print("| run | final val loss | best val loss | samples |")
         for run, extra in runs.items():
-            root = work / path.stem / run.replace(" ", "-").replace(",", "")
+            root = work / f"{path.stem}-{args.steps}" / run.replace(" ", "-").replace(",", "")
             loss, samples = fit(root, *common, *extra)
             print(f"| {run} | {loss:.4f} | {best_val_loss(root):.4f} | {', '.join(samples[:6])} |", flush=True)
 
