@@ -14,12 +14,12 @@ import time
 
 START = time.perf_counter()
 
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import functools
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -58,16 +58,20 @@ class MicroGPTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.block_size", "data.block_size", apply_on="parse")
-        parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+        parser.link_arguments("data.vocab", "model.vocab", compute_fn=self.model_vocab, apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
         """Parse, then resolve ``--ckpt_path last`` or ``best`` and check the checkpoint before anything reads it."""
         super().parse_arguments(parser, args)
+        self.checkpoint = None
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand or "", None)
         if config is None:
             return
         ckpt_path = config.get("ckpt_path")
+        if ckpt_path is not None and config["model"].get("init_from"):
+            raise UserError("--model.init_from starts a new run from a checkpoint's weights and --ckpt_path resumes "
+                            "a run: pass only one (to continue a fine-tuning run, drop --model.init_from).")
         if ckpt_path in ("last", "best"):
             root = config["trainer"].get("default_root_dir") or os.getcwd()
             found = find_checkpoint(root, ckpt_path)
@@ -84,7 +88,19 @@ class MicroGPTCLI(LightningCLI):
             # (a resumed fit still says so: its best.ckpt starts afresh in the new folder)
             warnings.filterwarnings("ignore", message=r".*The dirpath has changed from")
         if ckpt_path is not None and ckpt_path != "hpc":
-            load_checkpoint(ckpt_path)
+            vocab = load_checkpoint(ckpt_path).get("hyper_parameters", {}).get("vocab")
+            self.checkpoint = None if vocab is None else (ckpt_path, vocab)
+
+    def model_vocab(self, vocab: str) -> str:
+        """The model's vocabulary: the data's, or with ``--ckpt_path`` the checkpoint's, which must hold the data's."""
+        if self.checkpoint is None:
+            return vocab
+        path, known = self.checkpoint
+        new = "".join(sorted(set(vocab) - set(known)))
+        if new and self.config["subcommand"] == "fit":
+            raise UserError(f"{path}: the data has characters this run's model does not know: {new!r}; to train "
+                            f"on a new list, start a new run from its weights with --model.init_from {path}.")
+        return known
 
     def instantiate_trainer(self, **kwargs):
         """Lightning's default TensorBoard logger without its ``hp_metric`` placeholder; ``predict`` writes its

@@ -14,7 +14,7 @@ from microgpt.checkpoint import FORMAT, FORMAT_KEY
 from microgpt.data import IGNORE_INDEX
 from microgpt.errors import UserError
 from microgpt.model import GPT, Ensemble
-from microgpt.sample import load_members, sample_names
+from microgpt.sample import load_members, load_model, sample_names
 from microgpt.tokenizer import CharTokenizer
 
 
@@ -55,6 +55,8 @@ class MicroGPT(L.LightningModule):
             checkpoints are unchanged).
         ensemble: Checkpoints of other runs (same vocabulary and context length) whose predicted
             probabilities validate, test and predict average with this model's; fit refuses it.
+        init_from: A checkpoint whose weights this new run starts from (fine-tuning); its sizes must
+            equal this model's, and the vocabulary becomes the union of its characters and the data's.
     """
 
     def __init__(
@@ -73,17 +75,31 @@ class MicroGPT(L.LightningModule):
         min_lr: float = 0.0,
         compile: bool = False,
         ensemble: list[str] | None = None,
+        init_from: str | None = None,
     ):
         super().__init__()
         check_hyperparameters(n_embd=n_embd, n_head=n_head, n_layer=n_layer, block_size=block_size,
                               dropout=dropout, lr=lr, eps=eps, weight_decay=weight_decay,
                               warmup_steps=warmup_steps, min_lr=min_lr)
         # not saved with the weights: LightningCLI re-reads a checkpoint's hyper-parameters over the command
-        # line's, so a saved value would override --model.ensemble at test time
-        self.save_hyperparameters(ignore=["ensemble"])
+        # line's, so a saved value would override --model.ensemble at test time, and a fine-tuned checkpoint
+        # would need its init_from file to load
+        self.save_hyperparameters(ignore=["ensemble", "init_from"])
         self.ensemble_paths = list(ensemble or [])
         self.tokenizer = CharTokenizer(vocab)
+        if init_from is not None:
+            # building the start model must not draw from the random numbers this run's own weights use
+            with torch.random.fork_rng(devices=[]):
+                try:
+                    start, start_tokenizer = load_model(init_from)
+                except UserError as err:
+                    raise UserError(f"--model.init_from {err}") from None
+            check_same_sizes(init_from, start, n_embd=n_embd, n_head=n_head, n_layer=n_layer, block_size=block_size)
+            self.tokenizer = CharTokenizer("".join(sorted(set(start_tokenizer.chars) | set(vocab))))
+            self.hparams.vocab = self.tokenizer.chars  # so that the checkpoint alone describes the model
         self.gpt = GPT(self.tokenizer.vocab_size, n_embd, n_head, n_layer, block_size, dropout)
+        if init_from is not None:
+            copy_weights(start, start_tokenizer, self.gpt, self.tokenizer)
         if compile:
             self.gpt.compile()  # in place: the parameter names in checkpoints stay the same
         self.ensemble_members: list[GPT] = []  # loaded in setup; a plain list keeps them out of the state_dict
@@ -267,6 +283,34 @@ class MicroGPT(L.LightningModule):
             optimizer, lambda step: lr_factor(step, total, hp.warmup_steps, hp.min_lr / hp.lr)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+@torch.no_grad()
+def copy_weights(source: GPT, source_tokenizer: CharTokenizer, target: GPT, target_tokenizer: CharTokenizer) -> None:
+    """Load ``source``'s weights into ``target``, whose vocabulary holds all of ``source``'s: every token's
+    embedding and output rows move to its id in ``target`` (BOS to BOS); rows of the new characters keep
+    ``target``'s own, freshly drawn values."""
+    rows = torch.tensor([*target_tokenizer.encode(source_tokenizer.chars), target_tokenizer.bos])
+    weights = source.state_dict()
+    for name in ("wte.weight", "lm_head.weight"):
+        moved = target.state_dict()[name].clone()
+        moved[rows] = weights[name]
+        weights[name] = moved
+    target.load_state_dict(weights)
+
+
+def check_same_sizes(path: str, gpt: GPT, **sizes: int) -> None:
+    """Refuse, naming every size that differs, a start checkpoint whose model has other sizes than this one."""
+    theirs = {"n_embd": gpt.wte.embedding_dim, "n_head": gpt.blocks[0].attn.n_head,
+              "n_layer": len(gpt.blocks), "block_size": gpt.block_size}
+    differ = [name for name, value in sizes.items() if theirs[name] != value]
+    if differ:
+        raise UserError(
+            f"--model.init_from {path}: the checkpoint's model has "
+            + ", ".join(f"{name} {theirs[name]}" for name in differ) + "; this run's has "
+            + ", ".join(f"{name} {sizes[name]}" for name in differ)
+            + " (pass the sizes it was trained with, e.g. its --config)."
+        )
 
 
 def check_hyperparameters(**values: float) -> None:

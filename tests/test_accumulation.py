@@ -2,7 +2,6 @@
 
 import lightning as L
 import pytest
-import torch
 import torch.nn.functional as F
 
 from microgpt.data import IGNORE_INDEX, NamesDataModule
