@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Container
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +14,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from microgpt.errors import UserError
 
 
-def novelty(names: list[str], train_names: set[str], held_out_names: set[str]) -> dict[str, float]:
+def novelty(names: list[str], train_names: Container[str], held_out_names: Container[str]) -> dict[str, float]:
     """Shares of ``names`` that are training names, held-out names (and not training ones), or new."""
     n = len(names)
     in_train = sum(name in train_names for name in names)
@@ -101,9 +102,9 @@ def report_novelty(trainer: L.Trainer, names: list[str], what: str) -> dict[str,
     """Print which shares of ``names`` are training names, held-out names or new, and return them
     (None when the data module does not know its names)."""
     datamodule = trainer.datamodule
-    if datamodule is None or not hasattr(datamodule, "train_names"):
+    if datamodule is None or not hasattr(datamodule, "known_names"):
         return None
-    shares = novelty(names, set(datamodule.train_names), set(datamodule.val_names) | set(datamodule.test_names))
+    shares = novelty(names, *datamodule.known_names())
     print(f"{what}: {shares['new']:.0%} new, {shares['train']:.0%} training names, "
           f"{shares['held_out']:.0%} held-out names")
     return shares
