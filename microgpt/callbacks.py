@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Container
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +13,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from microgpt.errors import UserError
 
 
-def novelty(names: list[str], train_names: Container[str], held_out_names: Container[str]) -> dict[str, float]:
+def novelty(names: list[str], train_names: set[str], held_out_names: set[str]) -> dict[str, float]:
     """Shares of ``names`` that are training names, held-out names (and not training ones), or new."""
     n = len(names)
     in_train = sum(name in train_names for name in names)
@@ -104,7 +103,7 @@ def report_novelty(trainer: L.Trainer, names: list[str], what: str) -> dict[str,
     datamodule = trainer.datamodule
     if datamodule is None or not hasattr(datamodule, "known_names"):
         return None
-    shares = novelty(names, *datamodule.known_names())
+    shares = novelty(names, *datamodule.known_names(names))
     print(f"{what}: {shares['new']:.0%} new, {shares['train']:.0%} training names, "
           f"{shares['held_out']:.0%} held-out names")
     return shares

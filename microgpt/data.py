@@ -24,7 +24,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from microgpt.errors import UserError
-from microgpt.store import NameSet, TokenStore, default_cache_dir, ensure_store, open_store, scan, seeded_order, store_path
+from microgpt.store import (
+    TokenStore,
+    among,
+    default_cache_dir,
+    ensure_store,
+    open_store,
+    scan,
+    seeded_order,
+    store_path,
+)
 from microgpt.tokenizer import CharTokenizer
 
 # makemore's names.txt (32,033 names, MIT licence; see NOTICE), shipped inside the package
@@ -394,10 +403,10 @@ class NamesDataModule(L.LightningDataModule):
     def test_names(self) -> list[str]:
         return self.store.decode(self.test_lines)
 
-    def known_names(self) -> tuple[NameSet, NameSet]:
-        """The training names and the held-out (validation and test) names, for ``in`` tests."""
+    def known_names(self, names: list[str]) -> tuple[set[str], set[str]]:
+        """Those of ``names`` that are training names, and those that are held-out (validation or test) names."""
         held_out = self.order[len(self.train_lines) :]
-        return NameSet(self.store, self.train_lines), NameSet(self.store, held_out)
+        return among(self.store, self.train_lines, names), among(self.store, held_out, names)
 
     def setup(self, stage: str) -> None:
         trainer = self.trainer

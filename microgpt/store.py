@@ -195,22 +195,29 @@ class TokenStore:
         return None if None in ids else np.array(ids, dtype=np.int64)
 
 
-class NameSet:
-    """Whether a string is one of the names at ``lines`` of a store, without a set of strings: the
-    names' hashes sorted, searched, and every hit checked against the name's tokens."""
-
-    def __init__(self, store: TokenStore, lines: np.ndarray):
-        hashes = store.hashes[lines]
-        order = np.argsort(hashes)
-        self.store, self.hashes, self.lines = store, hashes[order], np.asarray(lines)[order]
-
-    def __contains__(self, name: object) -> bool:
-        ids = self.store.encode(name) if isinstance(name, str) and name else None
-        if ids is None:
-            return False
-        key = line_hashes(ids, np.array([len(ids)]))[0]
-        lo, hi = np.searchsorted(self.hashes, key, "left"), np.searchsorted(self.hashes, key, "right")
-        return any(np.array_equal(self.store.gather(self.lines[i : i + 1])[0], ids) for i in range(lo, hi))
+def among(store: TokenStore, lines: np.ndarray, names: list[str]) -> set[str]:
+    """Those of ``names`` that are names at ``lines`` of ``store``, found without a set of the store's
+    names: one pass over the lines' hashes looking up the few wanted hashes, every hit checked against
+    the line's tokens."""
+    wanted = {name: ids for name in set(names) if name and (ids := store.encode(name)) is not None}
+    if not wanted:
+        return set()
+    candidates = list(wanted)
+    keys = np.array([line_hashes(wanted[name], np.array([len(name)]))[0] for name in candidates])
+    by_key = np.argsort(keys)
+    keys = keys[by_key]
+    found: set[str] = set()
+    for start in range(0, len(lines), 1 << 20):
+        part = np.asarray(lines[start : start + (1 << 20)])
+        hashes = store.hashes[part]
+        first = np.searchsorted(keys, hashes)
+        hits = np.flatnonzero(keys[first.clip(max=len(keys) - 1)] == hashes)
+        for i in hits.tolist():
+            for j in range(first[i], np.searchsorted(keys, hashes[i], "right")):  # every candidate with that hash
+                name = candidates[by_key[j]]
+                if name not in found and np.array_equal(store.gather(part[i : i + 1])[0], wanted[name]):
+                    found.add(name)
+    return found
 
 
 def store_path(source: Path, cache_dir: Path) -> Path:
