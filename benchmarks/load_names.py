@@ -61,7 +61,7 @@ def report(label: str, result: subprocess.CompletedProcess, seconds: float) -> N
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
     print(f"{label}: {seconds:.1f} s wall, peak resident memory {peak_kb / 1024:.0f} MiB")
     for line in result.stderr.splitlines():
-        if line.startswith("microgpt: ") or line.startswith("final: "):
+        if line.startswith(("microgpt: ", "final: ")):
             print(f"    {line}")
 
 

@@ -102,8 +102,8 @@ def test_store_batches_equal_in_memory_batches(tmp_path, shuffle, packed):
     reference = {part: encode_names(part_names, dm.tokenizer, 8)
                  for part, part_names in (("train", order[:-17]), ("val", order[-17:-5]))}
     for rank, world_size in ((0, 1), (0, 2), (1, 2)):
-        kw = dict(shuffle=shuffle, seed=3, rank=rank, world_size=world_size, packed=packed)
-        for window in (range(0, 60), range(37, 60)):  # three epochs; and resumed mid-epoch
+        kw = {"shuffle": shuffle, "seed": 3, "rank": rank, "world_size": world_size, "packed": packed}
+        for window in (range(60), range(37, 60)):  # three epochs; and resumed mid-epoch
             got = list(TrainBatches(dm.train_encoded, 6, lambda w=window: w, **kw))
             expected = list(TrainBatches(reference["train"], 6, lambda w=window: w, **kw))
             assert len(got) == len(expected) == len(window)
