@@ -60,8 +60,11 @@ def check_file(path: Path) -> None:
 def content_hash(path: Path) -> str:
     """The SHA-256 of the file's bytes, in hex."""
     check_file(path)
+    digest = hashlib.sha256()
     with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while block := f.read(CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[list[str], int]]:
