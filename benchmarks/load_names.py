@@ -59,7 +59,9 @@ def report(label: str, result: subprocess.CompletedProcess, seconds: float) -> N
     if result.returncode != 0:
         sys.exit(f"{label} failed:\n{result.stderr[-3000:]}")
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    print(f"{label}: {seconds:.1f} s wall, peak resident memory {peak_kb / 1024:.0f} MiB")
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", result.stderr).group(1)) for kind in ("User", "System"))
+    print(f"{label}: {seconds:.1f} s wall, {cpu:.1f} s CPU (user + system, all processes), "
+          f"peak resident memory {peak_kb / 1024:.0f} MiB")
     for line in result.stderr.splitlines():
         if line.startswith(("microgpt: ", "final: ")):
             print(f"    {line}")
@@ -111,8 +113,8 @@ def main() -> None:
             watcher.join()
             report("2 DDP processes (store reused)", result, time.perf_counter() - start)
             size = sum(p.stat().st_size for p in (work / "cache").glob("*.tokens")) / 2**20
-            print(f"    store file {size:.0f} MiB; mapped by {len(seen)} processes, PSS of the mapping "
-                  + ", ".join(f"{kb / 1024:.1f} MiB" for kb in seen.values()) + " (shared pages split between them)")
+            print(f"    store file {size:.0f} MiB; mapped by {len(seen)} processes, largest PSS of the mapping "
+                  + ", ".join(f"{kb / 1024:.1f} MiB" for kb in seen.values()) + " (PSS splits a page among its mappers)")
 
 
 if __name__ == "__main__":

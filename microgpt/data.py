@@ -443,12 +443,14 @@ class NamesDataModule(L.LightningDataModule):
 
     def warn_about_long_names(self) -> None:
         """One warning when names do not fit the context: they are cut, so the model never sees their end."""
-        lengths = self.store.lengths()
-        longest = int(lengths.max())
-        if longest + 1 > self.block_size:  # a name of n characters needs n + 1 input positions
-            cut = int((lengths + 1 > self.block_size).sum())
+        longest = cut = 0
+        for start in range(0, len(self.store), 1 << 20):  # a million names at a time
+            lengths = self.store.lengths(slice(start, start + (1 << 20)))
+            longest = max(longest, int(lengths.max()))
+            cut += int((lengths + 1 > self.block_size).sum())  # a name of n characters needs n + 1 input positions
+        if cut:
             rank_zero_warn(
-                f"{self.path}: {cut} of {len(lengths)} names are longer than the context and were cut; "
+                f"{self.path}: {cut} of {len(self.store)} names are longer than the context and were cut; "
                 f"--model.block_size {longest + 1} keeps them whole."
             )
 
