@@ -260,9 +260,9 @@ def report_novelty(trainer: L.Trainer, names: list[str], what: str) -> dict[str,
     """Print which shares of ``names`` are training names, held-out names or new, and return them
     (None when the data module does not know its names)."""
     datamodule = trainer.datamodule
-    if datamodule is None or not hasattr(datamodule, "train_names"):
+    if datamodule is None or not hasattr(datamodule, "known_names"):
         return None
-    shares = novelty(names, set(datamodule.train_names), set(datamodule.val_names) | set(datamodule.test_names))
+    shares = novelty(names, *datamodule.known_names(names))
     print(f"{what}: {shares['new']:.0%} new, {shares['train']:.0%} training names, "
           f"{shares['held_out']:.0%} held-out names")
     return shares

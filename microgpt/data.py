@@ -1,16 +1,16 @@
-"""The names data: reading a file of names, the character tokenizer, and the LightningDataModule.
+"""The names data: reading a file of names, cutting token rows, and the LightningDataModule.
 
 A name becomes ``[BOS] + characters + [BOS]`` cut to ``block_size + 1`` tokens; the model reads
-the first ``n`` of them and predicts the last ``n``. All names are tokenized once into padded
-tensors, and batches are cut from those tensors by indexing: one name per row, right-padded to the
-batch's longest name, or with ``pack`` several names per row of ``block_size`` tokens.
+the first ``n`` of them and predicts the last ``n``. The file is encoded once into a memory-mapped
+token store (``microgpt.store``); batches are cut from it by index, one name per row, right-padded to
+the batch's longest name, or with ``pack`` several names per row of ``block_size`` tokens.
+``encode_names`` does the same for a list of names held in memory.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import random
 import warnings
 from collections.abc import Callable, Iterator
 from functools import cached_property
@@ -18,11 +18,22 @@ from importlib.resources import files
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from microgpt.errors import UserError
+from microgpt.store import (
+    TokenStore,
+    among,
+    default_cache_dir,
+    ensure_store,
+    open_store,
+    scan,
+    seeded_order,
+    store_path,
+)
 from microgpt.tokenizer import CharTokenizer
 
 # makemore's names.txt (32,033 names, MIT licence; see NOTICE), shipped inside the package
@@ -65,9 +76,7 @@ def encode_names(names: list[str], tokenizer: CharTokenizer, block_size: int) ->
     Returns ``inputs`` and ``targets`` of shape ``(N, block_size)`` (inputs padded with BOS, targets
     with ``IGNORE_INDEX``) and ``lengths`` (N,), the number of predicted positions of each name.
     """
-    bos = tokenizer.bos
-    # Row i is [BOS, first block_size characters, BOS] cut to block_size + 1 tokens, computed for all
-    # names at once: code points -> vocabulary ids (the vocabulary is sorted by code point) -> scatter.
+    # code points -> vocabulary ids (the vocabulary is sorted by code point) -> rows
     name_lengths = torch.tensor([len(name) for name in names], dtype=torch.long)
     text = "".join(names).encode("utf-32-le")
     chars = torch.frombuffer(bytearray(text), dtype=torch.int32).long() if text else torch.zeros(0, dtype=torch.long)
@@ -76,13 +85,20 @@ def encode_names(names: list[str], tokenizer: CharTokenizer, block_size: int) ->
     unknown = (ids >= len(vocab)) | (vocab[ids.clamp(max=max(len(vocab) - 1, 0))] != chars)
     if unknown.any():
         tokenizer.encode("".join(chr(c) for c in chars[unknown].tolist()))  # raises, naming them
-    rows = torch.repeat_interleave(torch.arange(len(names)), name_lengths)
     cols = torch.arange(len(chars)) - torch.repeat_interleave(torch.cumsum(name_lengths, 0) - name_lengths,
                                                               name_lengths)
-    keep = cols < block_size
-    tokens = torch.full((len(names), block_size + 1), IGNORE_INDEX, dtype=torch.long)
+    return pad_rows(ids[cols < block_size], name_lengths, tokenizer.bos, block_size)
+
+
+def pad_rows(ids: torch.Tensor, name_lengths: torch.Tensor, bos: int, block_size: int) -> dict[str, torch.Tensor]:
+    """``encode_names``'s tensors from the ids of the names' first ``block_size`` characters, end to
+    end, and the names' full lengths: row i is [BOS, characters, BOS] cut to block_size + 1 tokens."""
+    kept = name_lengths.clamp(max=block_size)
+    rows = torch.repeat_interleave(torch.arange(len(name_lengths)), kept)
+    cols = torch.arange(len(ids)) - torch.repeat_interleave(torch.cumsum(kept, 0) - kept, kept)
+    tokens = torch.full((len(name_lengths), block_size + 1), IGNORE_INDEX, dtype=torch.long)
     tokens[:, 0] = bos
-    tokens[rows[keep], cols[keep] + 1] = ids[keep]
+    tokens[rows, cols + 1] = ids
     ends = name_lengths < block_size  # the closing BOS fits
     tokens[ends.nonzero().squeeze(1), name_lengths[ends] + 1] = bos
     lengths = torch.clamp(name_lengths + 2, max=block_size + 1)
@@ -91,10 +107,54 @@ def encode_names(names: list[str], tokenizer: CharTokenizer, block_size: int) ->
     return {"inputs": inputs, "targets": tokens[:, 1:].clone(), "lengths": lengths - 1}
 
 
-def take(encoded: dict[str, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class StoredNames:
+    """Some names of a token store (``lines``, in this order), cut into rows for a model's vocabulary:
+    ``rows(idx)`` is what ``encode_names`` gives for names ``idx`` of the selection."""
+
+    def __init__(self, store: TokenStore, lines: np.ndarray, tokenizer: CharTokenizer, block_size: int):
+        self.store, self.lines, self.block_size, self.bos = store, lines, block_size, tokenizer.bos
+        known = {c: i for i, c in enumerate(tokenizer.chars)}
+        self.ids = np.array([known.get(c, -1) for c in store.chars], dtype=np.int64)  # store id -> model id
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def unknown(self) -> list[str]:
+        """The characters of these names outside the model's vocabulary, in order of first appearance."""
+        if (self.ids >= 0).all():
+            return []
+        found: dict[str, None] = {}
+        for start in range(0, len(self.lines), 1 << 20):
+            tokens = self.store.gather(np.asarray(self.lines[start : start + (1 << 20)]))[0]
+            bad = tokens[self.ids[tokens] < 0]
+            _, first = np.unique(bad, return_index=True)
+            for i in sorted(first.tolist()):
+                found.setdefault(self.store.chars[bad[i]])
+        return list(found)
+
+    def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        ids, lengths = self.store.gather(np.asarray(self.lines[idx.numpy()]), limit=self.block_size)
+        return pad_rows(torch.from_numpy(self.ids[ids]), torch.from_numpy(lengths), self.bos, self.block_size)
+
+
+Encoded = dict[str, torch.Tensor] | StoredNames  # names cut into rows, held in memory or read from a store
+
+
+def count(encoded: Encoded) -> int:
+    """How many names ``encoded`` holds."""
+    return len(encoded["lengths"]) if isinstance(encoded, dict) else len(encoded)
+
+
+def cut_rows(encoded: Encoded, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ``inputs``, ``targets`` and ``lengths`` of the names at ``idx``, ``block_size`` wide."""
+    return {k: v[idx] for k, v in encoded.items()} if isinstance(encoded, dict) else encoded.rows(idx)
+
+
+def take(encoded: Encoded, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The (inputs, targets) batch of the names at ``idx``, trimmed to the batch's longest name."""
-    T = int(encoded["lengths"][idx].max())
-    return encoded["inputs"][idx, :T], encoded["targets"][idx, :T]
+    batch = cut_rows(encoded, idx)
+    T = int(batch["lengths"].max())
+    return batch["inputs"][:, :T], batch["targets"][:, :T]
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[tuple[int, int]]:
@@ -110,12 +170,13 @@ def first_fit(lengths: list[int], capacity: int) -> list[tuple[int, int]]:
     return place
 
 
-def pack(encoded: dict[str, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack(encoded: Encoded, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The (inputs, targets, positions) batch of the names at ``idx`` laid end to end in rows of
     ``block_size`` tokens. ``positions`` restarts at 0 with every name, which is how the model tells the
     names of a row apart; slots left over at the end of a row hold token 0 at position 0 and no target."""
-    lengths = encoded["lengths"][idx]
-    width = encoded["inputs"].size(1)
+    batch = cut_rows(encoded, idx)
+    lengths = batch["lengths"]
+    width = batch["inputs"].size(1)
     place = torch.tensor(first_fit(lengths.tolist(), width), dtype=torch.long)
     rows, offsets = place.unbind(1)
     num_rows = int(rows.max()) + 1
@@ -126,8 +187,8 @@ def pack(encoded: dict[str, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Ten
     inputs = torch.zeros(num_rows * width, dtype=torch.long)
     targets = torch.full((num_rows * width,), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros(num_rows * width, dtype=torch.long)
-    inputs[slots] = encoded["inputs"][idx][real]
-    targets[slots] = encoded["targets"][idx][real]
+    inputs[slots] = batch["inputs"][real]
+    targets[slots] = batch["targets"][real]
     positions[slots] = within
     return inputs.view(num_rows, width), targets.view(num_rows, width), positions.view(num_rows, width)
 
@@ -142,11 +203,11 @@ class TrainBatches(IterableDataset):
     as padded rows (``take``) or, with ``packed``, as packed rows (``pack``).
     """
 
-    def __init__(self, encoded: dict[str, torch.Tensor], batch_size: int, window: Callable[[], range],
+    def __init__(self, encoded: Encoded, batch_size: int, window: Callable[[], range],
                  shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1, packed: bool = False):
         self.encoded = encoded
         self.packed = packed
-        self.num_names = len(encoded["lengths"])
+        self.num_names = count(encoded)
         self.batch_size = batch_size
         self.window = window
         self.shuffle = shuffle
@@ -185,9 +246,9 @@ class TrainBatches(IterableDataset):
 class EvalBatches(IterableDataset):
     """Every name once, in batches; a process of rank ``r`` out of ``W`` scores names ``r, r+W, ...``."""
 
-    def __init__(self, encoded: dict[str, torch.Tensor], batch_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, encoded: Encoded, batch_size: int, rank: int = 0, world_size: int = 1):
         self.encoded = encoded
-        self.indices = torch.arange(rank, len(encoded["lengths"]), world_size)
+        self.indices = torch.arange(rank, count(encoded), world_size)
         self.batch_size = batch_size
 
     def __len__(self) -> int:
@@ -217,6 +278,8 @@ class NamesDataModule(L.LightningDataModule):
         predict_top_k: Predict draws only among the k most likely characters; all when unset.
         seed: Seed of the one-time shuffle that fixes the split and the training order.
         eval_batch_size: Names per batch when scoring held-out names.
+        cache_dir: Folder for the token stores that names files are encoded into once; unset, $MICROGPT_CACHE,
+            else $XDG_CACHE_HOME/microgpt, else ~/.cache/microgpt.
     """
 
     def __init__(
@@ -235,6 +298,7 @@ class NamesDataModule(L.LightningDataModule):
         predict_top_k: int | None = None,
         seed: int = 42,
         eval_batch_size: int = 500,
+        cache_dir: str | None = None,
     ):
         super().__init__()
         for name, value in [("block_size", block_size), ("batch_size", batch_size),
@@ -244,7 +308,7 @@ class NamesDataModule(L.LightningDataModule):
         for name, value in [("val_size", val_size), ("test_size", test_size)]:
             if value < 0:
                 raise UserError(f"--data.{name} must be zero or more, got {value}.")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["cache_dir"])  # a folder of this machine, not part of the recipe
         self.path = path or str(BUNDLED_NAMES)
         self.block_size = block_size
         self.batch_size = batch_size
@@ -257,24 +321,51 @@ class NamesDataModule(L.LightningDataModule):
         self.predict_size = predict_size
         self.seed = seed
         self.eval_batch_size = eval_batch_size
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
 
     @cached_property
-    def names(self) -> list[str]:
-        """All names after the seeded shuffle: training, then ``val_size`` validation, then ``test_size`` test names."""
-        names = read_names(self.path)
-        if self.val_size + self.test_size >= len(names):
+    def summary(self) -> tuple[str, int]:
+        """The file's vocabulary and number of names: from its store when there is one, else from a scan."""
+        store, _ = open_store(self.store_path)
+        chars, num_names = (store.chars, len(store)) if store is not None else scan(Path(self.path))
+        if self.val_size + self.test_size >= num_names:
             raise UserError(
                 f"{self.path}: --data.val_size {self.val_size} and --data.test_size {self.test_size} leave no "
-                f"training names (the file has {len(names)}); pass smaller sizes, or --data.val_size 0 to train "
+                f"training names (the file has {num_names}); pass smaller sizes, or --data.val_size 0 to train "
                 "on all of them without validation."
             )
-        random.Random(self.seed).shuffle(names)
-        return names
+        return chars, num_names
+
+    @cached_property
+    def store_path(self) -> Path:
+        return store_path(Path(self.path), self.cache_dir)
+
+    @cached_property
+    def store(self) -> TokenStore:
+        """The file's token store, built first when needed."""
+        return ensure_store(Path(self.path), self.store_path, self.summary[0])
+
+    @cached_property
+    def order(self) -> np.ndarray:
+        """The names' indices after the seeded shuffle: training, then ``val_size`` validation, then
+        ``test_size`` test names."""
+        return seeded_order(self.summary[1], self.seed, self.cache_dir)
+
+    @cached_property
+    def test_store(self) -> TokenStore:
+        """The token store of ``test_path``."""
+        return ensure_store(Path(self.test_path), store_path(Path(self.test_path), self.cache_dir))
+
+    def prepare_data(self) -> None:
+        """Build the token stores and the seeded order that are missing (once per node, by its first process)."""
+        _ = self.store, self.order  # the properties build them and keep them
+        if self.test_path and (self.trainer is None or self.trainer.testing):
+            _ = self.test_store
 
     @cached_property
     def tokenizer(self) -> CharTokenizer:
         """The character vocabulary of the whole file."""
-        return CharTokenizer.from_names(self.names)
+        return CharTokenizer(self.summary[0])
 
     @property
     def vocab(self) -> str:
@@ -282,17 +373,40 @@ class NamesDataModule(L.LightningDataModule):
         return self.tokenizer.chars
 
     @property
+    def train_lines(self) -> np.ndarray:
+        return self.order[: len(self.order) - self.val_size - self.test_size]
+
+    @property
+    def val_lines(self) -> np.ndarray:
+        end = len(self.order) - self.test_size
+        return self.order[end - self.val_size : end]
+
+    @property
+    def test_lines(self) -> np.ndarray:
+        return self.order[len(self.order) - self.test_size :] if self.test_size else self.val_lines
+
+    # The names as Python strings, for small files and for inspection; training never builds these lists.
+    @property
+    def names(self) -> list[str]:
+        """All names after the seeded shuffle: training, then validation, then test names."""
+        return self.store.decode(self.order)
+
+    @property
     def train_names(self) -> list[str]:
-        return self.names[: len(self.names) - self.val_size - self.test_size]
+        return self.store.decode(self.train_lines)
 
     @property
     def val_names(self) -> list[str]:
-        end = len(self.names) - self.test_size
-        return self.names[end - self.val_size : end]
+        return self.store.decode(self.val_lines)
 
     @property
     def test_names(self) -> list[str]:
-        return self.names[len(self.names) - self.test_size :] if self.test_size else self.val_names
+        return self.store.decode(self.test_lines)
+
+    def known_names(self, names: list[str]) -> tuple[set[str], set[str]]:
+        """Those of ``names`` that are training names, and those that are held-out (validation or test) names."""
+        held_out = self.order[len(self.train_lines) :]
+        return among(self.store, self.train_lines, names), among(self.store, held_out, names)
 
     def setup(self, stage: str) -> None:
         trainer = self.trainer
@@ -306,31 +420,37 @@ class NamesDataModule(L.LightningDataModule):
         tokenizer = getattr(model, "tokenizer", self.tokenizer)
         if stage == "fit":
             self.warn_about_long_names()
-            self.train_encoded = self.encode(self.train_names, tokenizer, str(self.path))
+            self.train_encoded = self.select(self.store, self.train_lines, tokenizer, self.path)
         if stage in ("fit", "validate"):
-            self.val_encoded = self.encode(self.val_names, tokenizer, str(self.path))
+            self.val_encoded = self.select(self.store, self.val_lines, tokenizer, self.path)
         if stage == "test":
-            names, source = (read_names(self.test_path), self.test_path) if self.test_path else (self.test_names, self.path)
-            self.test_encoded = self.encode(names, tokenizer, str(source))
+            if self.test_path:
+                store = self.test_store
+                self.test_encoded = self.select(store, np.arange(len(store)), tokenizer, self.test_path)
+            else:
+                self.test_encoded = self.select(self.store, self.test_lines, tokenizer, self.path)
 
-    def encode(self, names: list[str], tokenizer: CharTokenizer, source: str) -> dict[str, torch.Tensor]:
-        """Tokenize names, refusing characters outside the vocabulary with one sentence naming them."""
-        try:
-            return encode_names(names, tokenizer, self.block_size)
-        except UserError:  # name the file and every unknown character (only on this failure path)
-            unknown = tokenizer.unknown("".join(names))
+    def select(self, store: TokenStore, lines: np.ndarray, tokenizer: CharTokenizer, source: str) -> StoredNames:
+        """The names at ``lines`` of ``store``, refusing characters outside the vocabulary with one sentence naming them."""
+        names = StoredNames(store, lines, tokenizer, self.block_size)
+        unknown = names.unknown()
+        if unknown:
             raise UserError(
                 f"{source}: characters outside the model's vocabulary: {''.join(unknown)!r} "
                 f"(the model knows {tokenizer.chars!r})."
-            ) from None
+            )
+        return names
 
     def warn_about_long_names(self) -> None:
         """One warning when names do not fit the context: they are cut, so the model never sees their end."""
-        longest = max(len(name) for name in self.names)
-        if longest + 1 > self.block_size:  # a name of n characters needs n + 1 input positions
-            cut = sum(len(name) + 1 > self.block_size for name in self.names)
+        longest = cut = 0
+        for start in range(0, len(self.store), 1 << 20):  # a million names at a time
+            lengths = self.store.lengths(slice(start, start + (1 << 20)))
+            longest = max(longest, int(lengths.max()))
+            cut += int((lengths + 1 > self.block_size).sum())  # a name of n characters needs n + 1 input positions
+        if cut:
             rank_zero_warn(
-                f"{self.path}: {cut} of {len(self.names)} names are longer than the context and were cut; "
+                f"{self.path}: {cut} of {len(self.store)} names are longer than the context and were cut; "
                 f"--model.block_size {longest + 1} keeps them whole."
             )
 
@@ -341,7 +461,7 @@ class NamesDataModule(L.LightningDataModule):
 
     def epoch_window(self) -> range:
         """The global batches of the current epoch that are still to be trained on."""
-        per_epoch = math.ceil(len(self.train_names) / self.batch_size)
+        per_epoch = math.ceil(len(self.train_lines) / self.batch_size)
         trainer = self.trainer
         if trainer is None:
             return range(per_epoch)

@@ -1,4 +1,5 @@
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+
+@pytest.fixture(scope="session", autouse=True)
+def token_store_cache(tmp_path_factory) -> Iterator[Path]:
+    """One token-store cache for the whole session (subprocesses inherit it), never the user's."""
+    cache = tmp_path_factory.mktemp("cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MICROGPT_CACHE", str(cache))
+    yield cache
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ import lightning as L
 
 
 class RecordRun(L.Callback):
-    """Per training step: the names in this process's batch and the global batch loss; then val/loss.
+    """Per training step: the names in this process's batch and the global batch loss; then val/loss,
+    and which token store the process maps.
 
     With ``out_dir`` set, the record is written to ``rank{R}.json`` there after training and after
     every validation.
@@ -36,5 +37,11 @@ class RecordRun(L.Callback):
     def dump(self, trainer):
         if self.out_dir is not None:
             record = {"world_size": trainer.world_size, "names": self.names, "losses": self.losses,
-                      "val_losses": self.val_losses}
+                      "val_losses": self.val_losses, "node_rank": trainer.node_rank,
+                      "store": str(trainer.datamodule.store_path), "maps_store": maps(trainer.datamodule.store_path)}
             Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def maps(path: Path) -> bool:
+    """Whether this process has ``path`` memory-mapped."""
+    return str(path) in Path("/proc/self/maps").read_text()

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,60 @@ def runs(tmp_path_factory):
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     ckpt = tmp / "ddp" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    return {"ddp": ddp, "ranks": ranks, "single": single, "model": cli.model, "ckpt": ckpt}
+    return {"ddp": ddp, "ranks": ranks, "single": single, "model": cli.model, "ckpt": ckpt, "names": names}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_node_commands(names: Path, tmp: Path, port: int) -> list[list[str]]:
+    """The multi-node launch of the README, one command per node: torchrun on each, node ranks 0 and 1."""
+    probe = json.dumps({"class_path": "ddp_probe.RecordRun", "init_args": {"out_dir": str(tmp)}})
+    return [["torchrun", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+             "--master_addr", "127.0.0.1", "--master_port", str(port),
+             "-m", "microgpt", "fit", *common_args(names, tmp / f"node{node}"),
+             "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp",
+             f"--trainer.callbacks+={probe}"] for node in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(runs, tmp_path_factory):
+    """Two simulated nodes, each with its own token-store cache (as on node-local disks), launched at once."""
+    tmp = tmp_path_factory.mktemp("nodes")
+    names = runs["names"]
+    procs = []
+    for node, cmd in enumerate(two_node_commands(names, tmp, free_port())):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+               "MICROGPT_CACHE": str(tmp / f"cache{node}"), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
+    return {"tmp": tmp, "stderr": [err for _, err in outputs], "ranks": ranks}
+
+
+def test_both_processes_map_one_store(runs):
+    stores = {r["store"] for r in runs["ranks"]}
+    assert len(stores) == 1 and all(r["maps_store"] for r in runs["ranks"])
+    assert runs["ddp"].stderr.count("microgpt: building the token store") == 1  # by rank 0, before the single run
+
+
+def test_two_nodes_build_the_store_once_each_and_train_as_one_process(runs, two_nodes):
+    tmp, ranks = two_nodes["tmp"], two_nodes["ranks"]
+    assert [(r["world_size"], r["node_rank"]) for r in ranks] == [(2, 0), (2, 1)]
+    for node, err in enumerate(two_nodes["stderr"]):
+        assert err.count("microgpt: building the token store") == 1, err[-2000:]
+        assert len(list((tmp / f"cache{node}").glob("*.tokens"))) == 1
+        assert ranks[node]["maps_store"] and ranks[node]["store"].startswith(str(tmp / f"cache{node}"))
+    for step, global_batch in enumerate(runs["single"].names):
+        assert ranks[0]["names"][step] + ranks[1]["names"][step] == global_batch
+    for rank in ranks:
+        assert rank["losses"] == pytest.approx(runs["single"].losses, abs=1e-6)
+        assert rank["val_losses"][-1] == pytest.approx(runs["single"].val_losses[-1], abs=1e-6)
 
 
 def test_both_processes_ran_all_steps(runs):

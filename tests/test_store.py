@@ -1,0 +1,247 @@
+"""The token store: it reads a file exactly as the in-memory path did, gives the same batches, and is
+built once, reused while the file is unchanged and rebuilt when it changes or is damaged."""
+
+import json
+import random
+import struct
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from microgpt import store as store_module
+from microgpt.callbacks import novelty
+from microgpt.cli import main
+from microgpt.data import EvalBatches, NamesDataModule, TrainBatches, encode_names, read_names
+from microgpt.errors import UserError
+from microgpt.store import TokenStore, among, read_chunks, scan, seeded_order
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "names-batched.yaml")
+
+
+def write_names(path: Path, count: int, seed: int = 0, alphabet: str = "abcdefghijklmnopqrstuvwxyzéü山🙂 -") -> list[str]:
+    """A file of ``count`` random names (some longer than a context of 8, some repeated), one per line."""
+    rng = random.Random(seed)
+    names = ["".join(rng.choices(alphabet[:-2], k=1)) + "".join(rng.choices(alphabet, k=rng.randint(0, 12)))
+             for _ in range(count)]
+    names[5:9] = names[:4]  # duplicates are kept
+    path.write_text("\n".join(names) + "\n", encoding="utf-8")
+    return [name.strip() for name in names]
+
+
+def seeded(names: list[str], seed: int) -> list[str]:
+    """The order the in-memory path put the names in."""
+    names = list(names)
+    random.Random(seed).shuffle(names)
+    return names
+
+
+@pytest.mark.parametrize("content", [
+    "\ufeffJosé\r\n  Zoë\t\r\n\r\n山田\rAna🙂\nJosé\u2028x y\x85z\n\n",
+    "a\nb\n" * 40 + "no final line break",
+    "\n\n  \n",
+])
+def test_streaming_reader_reads_what_the_whole_file_reader_reads(tmp_path, content):
+    path = tmp_path / "n.txt"
+    path.write_bytes(content.encode("utf-8"))
+    expected = [line.strip() for line in content.removeprefix("\ufeff").splitlines() if line.strip()]
+    for chunk_bytes in (1, 3, 7, 64, 1 << 20):  # chunks cut inside \r\n pairs and inside multi-byte characters
+        assert [name for chunk, _ in read_chunks(path, chunk_bytes) for name in chunk] == expected
+    if expected:
+        assert read_names(path) == expected
+
+
+def test_invalid_utf8_is_reported_on_the_same_line_as_before(tmp_path):
+    path = tmp_path / "n.txt"
+    path.write_bytes(b"anna\nbob\r\ncarla\n\nz\xf6e\n")
+    with pytest.raises(UserError) as whole:
+        read_names(path)
+    for chunk_bytes in (2, 5, 1 << 20):
+        with pytest.raises(UserError) as streamed:
+            list(read_chunks(path, chunk_bytes))
+        assert str(streamed.value) == str(whole.value) == f"{path}: line 5 is not valid UTF-8."
+
+
+def test_store_holds_the_names_tokens_offsets_and_vocabulary(tmp_path):
+    names = write_names(tmp_path / "n.txt", 200)
+    chars, count = scan(tmp_path / "n.txt")
+    assert chars == "".join(sorted(set("".join(names)))) and count == 200
+    store = store_module.ensure_store(tmp_path / "n.txt", tmp_path / "n.tokens")
+    assert store.tokens.dtype == np.uint8 and store.chars == chars and len(store) == 200
+    ids = {c: i for i, c in enumerate(chars)}
+    assert store.tokens.tolist() == [ids[c] for c in "".join(names)]
+    assert np.diff(store.offsets).tolist() == [len(n) for n in names]
+    assert store.decode(np.array([3, 0, 199])) == [names[3], names[0], names[199]]
+
+
+def test_a_large_vocabulary_takes_two_bytes_per_token(tmp_path):
+    alphabet = "".join(chr(0x4E00 + i) for i in range(300))
+    names = write_names(tmp_path / "n.txt", 400, alphabet=alphabet)
+    dm = NamesDataModule(path=str(tmp_path / "n.txt"), block_size=6, batch_size=4, val_size=10)
+    dm.setup("fit")
+    assert dm.store.tokens.dtype == np.uint16 and len(dm.vocab) > 256
+    reference = encode_names(seeded(names, 42)[:-10], dm.tokenizer, 6)
+    got = TrainBatches(dm.train_encoded, 4, lambda: range(120))
+    expected = TrainBatches(reference, 4, lambda: range(120))
+    for a, b in zip(got, expected, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_store_batches_equal_in_memory_batches(tmp_path, shuffle, packed):
+    """Every rank's slice of several epochs' batches, and the validation batches, as the old in-memory path cut them."""
+    names = write_names(tmp_path / "n.txt", 150)
+    dm = NamesDataModule(path=str(tmp_path / "n.txt"), block_size=8, batch_size=6, val_size=12, test_size=5,
+                         seed=3, shuffle=shuffle, pack=packed)
+    dm.setup("fit")
+    order = seeded(names, 3)
+    assert dm.train_names == order[:-17] and dm.val_names == order[-17:-5]
+    reference = {part: encode_names(part_names, dm.tokenizer, 8)
+                 for part, part_names in (("train", order[:-17]), ("val", order[-17:-5]))}
+    for rank, world_size in ((0, 1), (0, 2), (1, 2)):
+        kw = {"shuffle": shuffle, "seed": 3, "rank": rank, "world_size": world_size, "packed": packed}
+        for window in (range(60), range(37, 60)):  # three epochs; and resumed mid-epoch
+            got = list(TrainBatches(dm.train_encoded, 6, lambda w=window: w, **kw))
+            expected = list(TrainBatches(reference["train"], 6, lambda w=window: w, **kw))
+            assert len(got) == len(expected) == len(window)
+            for a, b in zip(got, expected):
+                assert len(a) == len(b) == (3 if packed else 2) and all(torch.equal(x, y) for x, y in zip(a, b))
+        for a, b in zip(EvalBatches(dm.val_encoded, 5, rank, world_size),
+                        EvalBatches(reference["val"], 5, rank, world_size), strict=True):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+class RecordBatches(L.Callback):
+    def __init__(self):
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append([t.clone() for t in batch])
+
+
+def test_fit_and_resumed_fit_train_on_the_in_memory_batches(tmp_path):
+    """Through Lightning, packed and shuffled (padded resumes are compared run against run in test_resume.py)."""
+    packed = "true"
+    names = write_names(tmp_path / "n.txt", 90, seed=1)
+    args = ["--config", CONFIG, "--data.path", str(tmp_path / "n.txt"), "--data.val_size", "10",
+            "--data.test_size", "0", "--data.shuffle", "true", "--data.pack", packed, "--model.block_size", "8",
+            "--trainer.logger", "false", "--trainer.callbacks", json.dumps([{
+                "class_path": "microgpt.checkpoint.RunCheckpoint", "init_args": {"every_n_train_steps": 4, "save_top_k": -1}}]),
+            "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false"]
+    runs = []
+    for root in ("whole", "resumed"):
+        ckpt = None
+        if root == "resumed":
+            (ckpt,) = (tmp_path / "whole" / "checkpoints").glob("epoch=1-step=4.ckpt")  # 3 steps an epoch
+        cli = main([*args, "--trainer.default_root_dir", str(tmp_path / root), "--trainer.max_steps", "7"], run=False)
+        record = RecordBatches()
+        cli.trainer.callbacks.append(record)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+        runs.append(record.batches)
+    whole, resumed = runs
+    tokenizer = cli.datamodule.tokenizer
+    reference = encode_names(seeded(names, 42)[:-10], tokenizer, 8)
+    expected = list(TrainBatches(reference, 32, lambda: range(7), shuffle=True, seed=42, packed=packed == "true"))
+    assert len(whole) == 7 and len(resumed) == 3
+    for got, want in zip(whole + resumed, expected + expected[4:], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
+
+
+def building(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if "token store" in line]
+
+
+def test_store_is_reused_while_the_file_is_unchanged_and_rebuilt_when_it_changes(tmp_path, capsys):
+    path = tmp_path / "n.txt"
+    path.write_text("anna\nbob\ncarla\n")
+    first = NamesDataModule(path=str(path), val_size=1, cache_dir=str(tmp_path / "cache"))
+    first.prepare_data()
+    assert building(capsys) == [f"microgpt: building the token store of {path} in {tmp_path / 'cache'}"]
+    built = first.store_path.stat().st_mtime_ns
+
+    again = NamesDataModule(path=str(path), val_size=1, cache_dir=str(tmp_path / "cache"))
+    again.prepare_data()
+    again.setup("fit")
+    assert building(capsys) == [] and again.store_path == first.store_path
+    assert again.store_path.stat().st_mtime_ns == built and sorted(again.names) == ["anna", "bob", "carla"]
+
+    path.write_text("anna\nbob\ncarla\ndörte\n")
+    changed = NamesDataModule(path=str(path), val_size=1, cache_dir=str(tmp_path / "cache"))
+    changed.prepare_data()
+    assert len(building(capsys)) == 1 and changed.store_path != first.store_path
+    assert sorted(changed.names) == ["anna", "bob", "carla", "dörte"] and "ö" in changed.vocab
+
+
+@pytest.mark.parametrize("damage", ["truncate", "old format"])
+def test_a_damaged_store_is_rebuilt_with_one_line(tmp_path, capsys, damage):
+    path = tmp_path / "n.txt"
+    names = write_names(path, 50)
+    dm = NamesDataModule(path=str(path), val_size=5, cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    good = dm.store_path.read_bytes()
+    if damage == "truncate":
+        dm.store_path.write_bytes(good[:-9])
+    else:
+        dm.store_path.write_bytes(good[:8] + struct.pack("<I", 0) + good[12:])
+    capsys.readouterr()
+    again = NamesDataModule(path=str(path), val_size=5, cache_dir=str(tmp_path / "cache"))
+    again.setup("fit")
+    (line,) = building(capsys)
+    assert line.startswith(f"microgpt: token store {dm.store_path} is unusable (") and line.endswith("); rebuilding it.")
+    assert dm.store_path.read_bytes() == good and again.train_names == seeded(names, 42)[:-5]
+
+
+def test_a_truncated_order_file_is_computed_again(tmp_path, capsys):
+    order = seeded_order(1000, 5, tmp_path)
+    assert order.tolist() == seeded(list(range(1000)), 5)
+    path = tmp_path / "order-1000-seed5.npy"
+    path.write_bytes(path.read_bytes()[:-100])
+    assert seeded_order(1000, 5, tmp_path).tolist() == order.tolist()
+    assert "is unusable; computing it again" in capsys.readouterr().err
+
+
+def test_an_unwritable_cache_is_one_line_naming_the_flag_and_variable(tiny_names, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONFIG, "--data.path", str(tiny_names), "--data.val_size", "2", "--data.test_size", "0",
+              "--data.cache_dir", str(blocker / "cache"), "--trainer.max_steps", "1", "--trainer.logger", "false",
+              "--trainer.default_root_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"microgpt: error: cannot write the token store to {blocker / 'cache'} (")
+    assert err.endswith("point --data.cache_dir or the MICROGPT_CACHE environment variable at a writable directory.")
+
+
+def test_the_cache_follows_the_environment_variable(tiny_names, tmp_path, monkeypatch):
+    monkeypatch.setenv("MICROGPT_CACHE", str(tmp_path / "elsewhere"))
+    dm = NamesDataModule(path=str(tiny_names), val_size=2)
+    dm.prepare_data()
+    assert dm.store_path.parent == tmp_path / "elsewhere" and dm.store_path.exists()
+    assert NamesDataModule(path=str(tiny_names), cache_dir=str(tmp_path / "flag")).store_path.parent == tmp_path / "flag"
+
+
+def test_novelty_from_the_store_equals_novelty_from_sets_of_names(tmp_path):
+    names = write_names(tmp_path / "n.txt", 300, seed=4)
+    dm = NamesDataModule(path=str(tmp_path / "n.txt"), val_size=30, test_size=20)
+    order = seeded(names, 42)
+    rng = random.Random(0)
+    samples = rng.sample(order, 40) + ["", "zzzzzzzzzzz", "Ω", order[0] + "x", order[-1][:-1]]
+    train, held_out = dm.known_names(samples)
+    assert train == set(order[:-50]) & set(samples) and held_out == set(order[-50:]) & set(samples)
+    assert novelty(samples, train, held_out) == novelty(samples, set(order[:-50]), set(order[-50:]))
+
+
+def test_hash_collisions_are_checked_against_the_tokens(tmp_path, monkeypatch):
+    """With every name hashing alike, only the tokens tell names apart, and the answers stay right."""
+    names = write_names(tmp_path / "n.txt", 60, seed=2)
+    store = TokenStore(store_module.ensure_store(tmp_path / "n.txt", tmp_path / "n.tokens").path)
+    monkeypatch.setattr(store_module, "line_hashes", lambda ids, lengths: np.zeros(len(lengths), dtype=np.uint64))
+    store.hashes = np.zeros(len(store), dtype=np.uint64)
+    lines = np.arange(0, 60, 2)
+    wanted = [names[1], names[2], names[10], "nope"]
+    assert among(store, lines, wanted) == {n for n in wanted if n in {names[i] for i in lines}}
