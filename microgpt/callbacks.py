@@ -190,6 +190,12 @@ class EMA(WeightAveraging):
         super().on_train_start(trainer, pl_module)
         self.updates = None  # a resumed run's count comes from its checkpoint
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Restore the average when resuming a fit; validate, test and predict score the checkpoint's weights,
+        which already are the average, so there is nothing to restore (and nothing to warn about)."""
+        if trainer.state.fn == "fit":
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
     def update(self, averages: list[torch.Tensor], weights: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
         """Move ``averages`` towards ``weights`` with the decay of update ``n_averaged`` (1 or more)."""
         self.updates = int(n_averaged) if self.updates is None else self.updates + 1

@@ -46,9 +46,6 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(WithoutLitL
 # Lightning's own warnings about its internals and jsonargparse's, not about anything a user of microgpt can change.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 warnings.filterwarnings("ignore", message=r".*skip_none parameter was deprecated")
-# validate/test/predict with a weight-averaging recipe: the checkpoint's state_dict already holds the
-# averaged weights, which is what those commands should score, so there is nothing to restore.
-warnings.filterwarnings("ignore", message=r".*WeightAveraging callback, but loading a checkpoint outside the 'fit'")
 # predict: the names come from an iterable dataset, which has no batch indices, and WriteNames needs none
 warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices")
 

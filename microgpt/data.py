@@ -282,6 +282,8 @@ class NamesDataModule(L.LightningDataModule):
             else $XDG_CACHE_HOME/microgpt, else ~/.cache/microgpt.
     """
 
+    ROWS_IN_MEMORY = 1 << 23  # padded positions held as tensors (two int64 tensors of this many: 128 MiB)
+
     def __init__(
         self,
         path: str | None = None,
@@ -430,8 +432,10 @@ class NamesDataModule(L.LightningDataModule):
             else:
                 self.test_encoded = self.select(self.store, self.test_lines, tokenizer, self.path)
 
-    def select(self, store: TokenStore, lines: np.ndarray, tokenizer: CharTokenizer, source: str) -> StoredNames:
-        """The names at ``lines`` of ``store``, refusing characters outside the vocabulary with one sentence naming them."""
+    def select(self, store: TokenStore, lines: np.ndarray, tokenizer: CharTokenizer, source: str) -> Encoded:
+        """The names at ``lines`` of ``store``, refusing characters outside the vocabulary with one sentence
+        naming them. A selection of up to ``ROWS_IN_MEMORY`` positions is cut into rows once, here, so that
+        a batch only indexes them (a step at batch 1 is a few milliseconds); a larger one is cut per batch."""
         names = StoredNames(store, lines, tokenizer, self.block_size)
         unknown = names.unknown()
         if unknown:
@@ -439,6 +443,8 @@ class NamesDataModule(L.LightningDataModule):
                 f"{source}: characters outside the model's vocabulary: {''.join(unknown)!r} "
                 f"(the model knows {tokenizer.chars!r})."
             )
+        if len(lines) * self.block_size <= self.ROWS_IN_MEMORY:
+            return names.rows(torch.arange(len(lines)))
         return names
 
     def warn_about_long_names(self) -> None:

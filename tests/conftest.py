@@ -18,6 +18,19 @@ def token_store_cache(tmp_path_factory) -> Iterator[Path]:
     patch.undo()
 
 
+def error_line(args: list[str], capsys) -> str:
+    """Run the command line in this process: it must exit with status 2, without a traceback, and its
+    last line on stderr (Lightning's own start-up lines may come before it) says what was wrong."""
+    from microgpt.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
 @pytest.fixture(scope="session")
 def names_file() -> Path:
     """The real makemore names.txt, as it ships inside the package."""

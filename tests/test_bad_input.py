@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import error_line
 
 from microgpt.cli import main
 from microgpt.errors import UserError
@@ -21,16 +22,6 @@ def fit_args(names: Path, root: Path, *extra) -> list[str]:
     return ["fit", "--config", CONFIG, "--data.path", str(names), "--data.val_size", "2",
             "--trainer.max_steps", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(root), *extra]
-
-
-def error_line(args: list[str], capsys) -> str:
-    """Run the command line in this process; it must exit with status 2 and say one thing on stderr."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    return err.splitlines()[-1]
 
 
 @pytest.mark.parametrize("content, problem", [

@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import error_line
 
 from microgpt import sample
 from microgpt.cli import main
@@ -158,9 +159,10 @@ def test_a_stopped_finetune_resumes_exactly(pretrained, tmp_path):
     start = tmp_path / "start.ckpt"
     shutil.copy(pretrained, start)
     names = write_names(tmp_path / "znames.txt", Z_NAMES)
-    every = {"class_path": "microgpt.callbacks.RunCheckpoint", "init_args": {"every_n_train_steps": 4,
-                                                                              "save_top_k": -1}}
-    callbacks = json.dumps([every, EMA])
+    last = {"class_path": "microgpt.callbacks.RunCheckpoint"}
+    every = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"every_n_train_steps": 4, "save_top_k": -1}}  # keeps step=4.ckpt
+    callbacks = json.dumps([last, every, EMA])
     recipe = ["--model.dropout", "0.1", "--data.pack", "true", "--trainer.max_steps", "12",
               "--trainer.callbacks", callbacks]
     main(fit_args(names, tmp_path / "straight", "--model.init_from", str(start), *recipe))
@@ -193,15 +195,6 @@ def test_a_finetune_under_ddp_equals_one_process(pretrained, tmp_path):
     assert ddp_state["state_dict"].keys() == single_state.keys()
     for key, value in single_state.items():  # the tolerance of tests/test_ddp.py: the all-reduce sums in another order
         torch.testing.assert_close(ddp_state["state_dict"][key], value, rtol=0, atol=1e-5)
-
-
-def error_line(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    return err.splitlines()[-1]
 
 
 def not_microgpt(pretrained: Path, dest: Path) -> None:

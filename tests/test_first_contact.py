@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import error_line
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from microgpt.data import IGNORE_INDEX, NamesDataModule
@@ -145,18 +146,6 @@ def test_a_checkpoint_from_before_best_ckpt_loads_samples_and_resumes(tmp_path):
                   "--ckpt_path", old, "--trainer.default_root_dir", tmp_path, "--trainer.enable_progress_bar", "false")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "final: step 9" in resumed.stdout + resumed.stderr
-
-
-def error_line(args: list[str], capsys) -> str:
-    """Run the command line in this process; it must exit with status 2 and say one thing on stderr."""
-    from microgpt.cli import main
-
-    with pytest.raises(SystemExit) as stop:
-        main(args)
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and "Traceback" not in err
-    (line,) = [line for line in err.splitlines() if line.startswith("microgpt")]
-    return line
 
 
 @pytest.mark.parametrize("command", ["validate", "test", "predict"])
