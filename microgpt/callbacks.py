@@ -167,12 +167,13 @@ class EMA(WeightAveraging):
     """An exponential moving average of the weights, updated after every optimizer step; validation,
     test, sampling and saved checkpoints use the average (Lightning's ``WeightAveraging``).
 
-    The first update copies the weights; update ``n`` (counted by the average's ``n_averaged``, which
-    checkpoints save and resuming restores) then uses the decay ``min(decay, (1 + n) / (10 + n))``.
-    This warm-up, rather than bias correction, makes a short run's average span about its last ``n / 9``
-    steps instead of nearly all of them, so it is not dragged back towards the run's first weights.
-    Updates use torch's multi-tensor EMA, several milliseconds a step faster on a CPU than Lightning's
-    ``EMAWeightAveraging``, which updates one parameter at a time.
+    The first update, after step 1, copies the weights; the update after optimizer step ``t + 1`` then uses
+    the decay ``min(decay, (1 + t) / (10 + t))``, ``t`` being the number of updates so far. This warm-up,
+    rather than bias correction, makes a short run's average span about its last ``t / 9`` steps instead of
+    nearly all of them, so it is not dragged back towards the run's first weights. ``t`` is taken from the
+    trainer's step count (one update per optimizer step), so the device is never waited for and a resumed
+    run continues the ramp exactly. Updates use torch's multi-tensor EMA, several milliseconds a step faster
+    on a CPU than Lightning's ``EMAWeightAveraging``, which updates one parameter at a time.
 
     Args:
         decay: Weight of the previous average at each update once warmed up; the average then spans
@@ -183,12 +184,12 @@ class EMA(WeightAveraging):
         if not 0 <= decay <= 1:
             raise UserError(f"EMA decay must be in [0, 1], got {decay}.")
         self.decay = decay
-        self.updates: int | None = None  # n_averaged, read from the device once per fit, then counted here
+        self.updates_so_far = 0
         super().__init__(multi_avg_fn=self.update)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        self.updates = None  # a resumed run's count comes from its checkpoint
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        self.updates_so_far = trainer.global_step - 1  # n_averaged before this step's update
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Restore the average when resuming a fit; validate, test and predict score the checkpoint's weights,
@@ -197,10 +198,9 @@ class EMA(WeightAveraging):
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def update(self, averages: list[torch.Tensor], weights: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        """Move ``averages`` towards ``weights`` with the decay of update ``n_averaged`` (1 or more)."""
-        self.updates = int(n_averaged) if self.updates is None else self.updates + 1
-        n = self.updates
-        get_ema_multi_avg_fn(min(self.decay, (1 + n) / (10 + n)))(averages, weights, n_averaged)
+        """Move ``averages`` towards ``weights`` with the warmed-up decay of this update."""
+        t = self.updates_so_far
+        get_ema_multi_avg_fn(min(self.decay, (1 + t) / (10 + t)))(averages, weights, n_averaged)
 
 
 class SampleNames(L.Callback):
