@@ -9,8 +9,9 @@ The goals (default): every figure is the wall time of a fresh process, as a user
 against this file run as a plain script (``--plain-script``: read, train, score, sample, save). (2, 3) The
 marginal step time of the shipped config, ``(T(long run) - T(short run)) / extra steps``, against the same
 difference for the plain script: the seed model at batch 1 (``names.yaml``) and makemore's size
-(``names-batched.yaml`` with ``--model.n_layer 4``: 4 layers, 64-dim, context 16, batch 32). Start-up,
-scoring and sampling cancel out of (2) and (3). The plain loop uses the same ``microgpt.model.GPT`` (three
+(``names-batched.yaml`` with ``--model.n_layer 4``: 4 layers, 64-dim, context 16, batch 32). Both runs
+validate once, after their last step (``--trainer.val_check_interval`` = their steps), as the seed recipe
+does, so start-up, scoring and sampling cancel out of (2) and (3). The plain loop uses the same ``microgpt.model.GPT`` (three
 q/k/v matrices), batches, AdamW groups and schedule.
 
 ``--lean``: in one process, rounds alternate ``Trainer.fit`` of ``MicroGPT`` with no logger, checkpointing,
@@ -160,27 +161,32 @@ def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def goals(names: Path, rounds: int) -> None:
-    """The issue's three rows, each a median of ``rounds`` fresh-process measurements, sides alternating."""
+def goals(names: Path, rounds: int, flags: list[str] | None = None, rows: str = "all") -> None:
+    """The issue's three rows, each a median of ``rounds`` fresh-process measurements, sides alternating.
+    ``flags`` are added to every ``microgpt fit`` (to measure a lever); ``rows="seed"`` measures only the
+    seed model's marginal step."""
     print(f"Fresh processes, median of {rounds}; ratio = Lightning (shipped config) / plain script\n")
     with tempfile.TemporaryDirectory() as tmp:
         def fit(config: str, extra: list[str], steps: int | None = None) -> float:
-            steps_flag = [] if steps is None else ["--trainer.max_steps", str(steps)]
+            # one validation, after the last step, as in the seed recipe: the difference is training steps only
+            steps_flag = [] if steps is None else ["--trainer.max_steps", str(steps),
+                                                   "--trainer.val_check_interval", str(steps)]
             return wall(["-m", "microgpt", "fit", "--config", str(ROOT / "configs" / config), *extra, *steps_flag,
-                         "--data.path", str(names), "--trainer.default_root_dir", tmp], tmp)
+                         *(flags or []), "--data.path", str(names), "--trainer.default_root_dir", tmp], tmp)
 
         def plain(settings: dict, steps: int = 500) -> float:
             flags = [f"--{k}={v}" for k, v in {**settings, "steps": steps}.items()]
             return wall([__file__, "--plain-script", "--names", str(names), *flags], tmp)
 
         lightning, baseline = [], []
-        for _ in range(rounds):
+        for _ in range(rounds if rows == "all" else 0):
             lightning.append(fit("names.yaml", []))
             baseline.append(plain(GOALS["seed model at batch 1 (configs/names.yaml)"][2]))
-        a, b = median(lightning), median(baseline)
-        print(f"{'seed recipe end to end: microgpt fit --config configs/names.yaml':<90} {a:7.2f} s")
-        print(f"{'  the plain script (500 steps, score 1000 names, 20 samples)':<90} {b:7.2f} s   {a / b:.2f}x")
-        for label, (config, extra, settings, short, long) in GOALS.items():
+        if lightning:
+            a, b = median(lightning), median(baseline)
+            print(f"{'seed recipe end to end: microgpt fit --config configs/names.yaml':<90} {a:7.2f} s")
+            print(f"{'  the plain script (500 steps, score 1000 names, 20 samples)':<90} {b:7.2f} s   {a / b:.2f}x")
+        for label, (config, extra, settings, short, long) in list(GOALS.items())[: 1 if rows == "seed" else None]:
             lightning, baseline = [], []
             for _ in range(rounds):
                 lightning.append((fit(config, extra, long) - fit(config, extra, short)) / (long - short))
@@ -188,8 +194,9 @@ def goals(names: Path, rounds: int) -> None:
             a, b = median(lightning), median(baseline)
             print(f"{'marginal step, ' + label:<90} {1000 * a:7.3f} ms")
             print(f"{'  the plain script':<90} {1000 * b:7.3f} ms   {a / b:.2f}x")
-        for label, code in [("python -c 'import torch'", "import torch"),
-                            ("python -c 'import microgpt.cli' (the start-up imports of fit)", "import microgpt.cli")]:
+        imports = [("python -c 'import torch'", "import torch"),
+                   ("python -c 'import microgpt.cli' (the start-up imports of fit)", "import microgpt.cli")]
+        for label, code in imports if rows == "all" else []:
             print(f"{label:<90} {median([wall(['-c', code], tmp) for _ in range(rounds)]):7.2f} s")
 
 
@@ -310,6 +317,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile the shipped seed config in this process")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a busy "
                         "machine 1 avoids idle threads spinning against other processes")
+    parser.add_argument("--flags", default="", help="extra flags for every microgpt fit, e.g. to measure a lever")
+    parser.add_argument("--seed-only", action="store_true", help="only the seed model's marginal step")
     parser.add_argument("--plain-script", action="store_true", help=argparse.SUPPRESS)
     for flag, default in [("steps", 500), ("batch_size", 1), ("n_embd", 16), ("n_layer", 1), ("block_size", 8)]:
         parser.add_argument(f"--{flag}", type=int, default=default, help=argparse.SUPPRESS)
@@ -325,7 +334,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     if args.lean:
         return throughput(names, args.rounds, 1 / 3 if args.quick else 1.0)
-    goals(names, args.rounds)
+    goals(names, args.rounds, args.flags.split(), "seed" if args.seed_only else "all")
 
 
 if __name__ == "__main__":

@@ -338,28 +338,29 @@ class Throughput(L.Callback):
     """
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._counts = torch.zeros(2, device=pl_module.device)  # (tokens, names) since the last logging step
+        self._tokens = torch.zeros((), dtype=torch.long, device=pl_module.device)  # since the last logging step
+        self._names: torch.Tensor | int = 0
         self._since = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        targets = batch[1] != IGNORE_INDEX
-        # packed rows (inputs, targets, positions) hold a name wherever a position 0 has a target
-        names = (batch[2] == 0) & targets if len(batch) == 3 else targets[:, 0]
-        self._counts += torch.stack([targets.sum(), names.sum()])
+        targets = batch[1]
+        self._tokens += (targets != IGNORE_INDEX).sum()
+        # padded rows hold one name each; packed rows (inputs, targets, positions) one wherever a position 0 has a target
+        self._names += ((batch[2] == 0) & (targets != IGNORE_INDEX)).sum() if len(batch) == 3 else len(targets)
         every = trainer.log_every_n_steps
         if every < 1 or trainer.global_step % every or not trainer.loggers:
             return
-        counts = trainer.strategy.reduce(self._counts, reduce_op="sum").tolist()
+        counts = torch.stack([self._tokens, torch.as_tensor(self._names, device=self._tokens.device)])
+        tokens, names = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
         seconds = time.perf_counter() - self._since
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics({"train/tokens_per_sec": counts[0] / seconds,
-                                    "train/names_per_sec": counts[1] / seconds},
+                logger.log_metrics({"train/tokens_per_sec": tokens / seconds, "train/names_per_sec": names / seconds},
                                    step=trainer.global_step - 1)  # Lightning's step index, as for train/loss
-        self._counts.zero_()
+        self._tokens.zero_()
+        self._names = 0
         self._since = time.perf_counter()
-
 
 class WriteNames(BasePredictionWriter):
     """Write the names made by ``predict``, one per line, and print how many are new.

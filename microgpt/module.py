@@ -149,19 +149,19 @@ class MicroGPT(L.LightningModule):
         gradients, so the update equals one step on all N micro-batches at once.
         """
         logits, targets = self.logits(batch)
-        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        count = (targets != IGNORE_INDEX).sum().to(nll.dtype)
-        if self.trainer.accumulate_grad_batches > 1:
-            sums = torch.stack([nll.detach(), count])
+        logits, targets = logits.flatten(0, 1), targets.flatten()
+        world_size, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
+        if world_size == 1 and accumulate == 1:
+            loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)  # the mean over the real tokens
+            self.end_step(loss.detach())
+            return loss
+        nll = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        sums = torch.stack([nll.detach(), (targets != IGNORE_INDEX).sum().to(nll.dtype)])
+        if accumulate > 1:
             self.accumulated = sums if self.accumulated is None else self.accumulated + sums
             return nll
-        world_size = self.trainer.world_size
-        if world_size > 1:
-            nll_total, count_total = self.trainer.strategy.reduce(torch.stack([nll.detach(), count]), reduce_op="sum")
-            loss, batch_loss = nll * world_size / count_total, nll_total / count_total
-        else:
-            loss = nll / count
-            batch_loss = loss.detach()
+        nll_total, count_total = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        loss, batch_loss = nll * world_size / count_total, nll_total / count_total
         self.end_step(batch_loss)
         return loss
 
@@ -180,13 +180,17 @@ class MicroGPT(L.LightningModule):
         self.end_step(nll_total / count_total)
 
     def end_step(self, batch_loss: torch.Tensor) -> None:
-        """Keep the step's loss (the same global value on every process), and log it on logging steps."""
+        """Keep the step's loss (the same global value on every process), and log it on logging steps.
+
+        Every step's loss stays on the device until a step where the host waits anyway (a logging step, or
+        a checkpoint being written) checks them all, so a non-finite loss is named by its first step and no
+        other step waits for the device."""
         self.last_train_loss = batch_loss
-        # The first step with a non-finite loss, kept on the device: read only where the host waits anyway,
-        # on logging steps and before any checkpoint is written.
-        first = ~torch.isfinite(batch_loss) & (self.first_nonfinite_step == 0)
-        self.first_nonfinite_step = torch.where(first, self.global_step + 1, self.first_nonfinite_step)
-        self.first_nonfinite_loss = torch.where(first, batch_loss, self.first_nonfinite_loss)
+        if not self.unchecked_losses:
+            self.first_unchecked_step = self.global_step + 1
+        self.unchecked_losses.append(batch_loss)
+        if len(self.unchecked_losses) >= 1024:  # joined on the device: a run that never logs holds one tensor
+            self.unchecked_losses = [torch.cat([loss.reshape(-1) for loss in self.unchecked_losses])]
         if self.logs_this_step():
             self.stop_if_nonfinite()
             # Loggers only: Lightning turns progress-bar metrics into Python floats after every step,
@@ -195,18 +199,23 @@ class MicroGPT(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.accumulated: torch.Tensor | None = None  # (NLL sum, token count) of the micro-batches so far
-        self.first_nonfinite_step = torch.zeros((), dtype=torch.long, device=self.device)
-        self.first_nonfinite_loss = torch.zeros((), device=self.device)
+        self.unchecked_losses: list[torch.Tensor] = []
 
     def stop_if_nonfinite(self) -> None:
         """Raise ``NonFiniteLoss`` naming the first step whose training loss was NaN or infinite, if any."""
-        step = int(getattr(self, "first_nonfinite_step", 0))
-        if step:
+        if not getattr(self, "unchecked_losses", None):
+            return
+        losses = torch.cat([loss.reshape(-1) for loss in self.unchecked_losses])
+        self.unchecked_losses = []
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            step = self.first_unchecked_step + i
             hp = self.hparams
             lr = hp.lr * lr_factor(step - 1, int(self.trainer.estimated_stepping_batches), hp.warmup_steps,
                                    hp.min_lr / hp.lr)
             raise NonFiniteLoss(
-                f"the training loss is {float(self.first_nonfinite_loss)} at step {step} (lr {lr:.6g}); "
+                f"the training loss is {float(losses[i])} at step {step} (lr {lr:.6g}); "
                 "stopped without saving, so the last checkpoint is the last good one."
             )
 
