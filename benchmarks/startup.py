@@ -56,8 +56,8 @@ def main() -> None:
 
     timed(LightningCLI, "setup_parser", "command line: build the parser")
     timed(LightningCLI, "parse_arguments", "command line: parse the recipe and flags")
-    timed(microgpt.data, "read_names", "data: read the names file")
-    timed(microgpt.data.random.Random, "shuffle", "data: shuffle")
+    timed(microgpt.data, "ensure_store", "data: encode the names file into its token store (or open it)")
+    timed(microgpt.data, "seeded_order", "data: the seeded order of the names (computed once, then mapped)")
     timed(MicroGPT, "__init__", "model: build")
     timed(L.Trainer, "__init__", "Trainer: build")
 
