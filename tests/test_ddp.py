@@ -35,7 +35,9 @@ def runs(tmp_path_factory):
     names.write_text("\n".join(a + b for a in ("ka", "lo", "mi", "ne", "su", "ta")
                                for b in ("ra", "li", "no", "bel", "x", "dana")) + "\n")
     probe = json.dumps({"class_path": "ddp_probe.RecordRun", "init_args": {"out_dir": str(tmp)}})
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    # a cache of its own: the session's may already hold a store of a file with the same names
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           "MICROGPT_CACHE": str(tmp / "cache")}
     ddp = subprocess.run(
         [sys.executable, "-m", "microgpt", "fit", *common_args(names, tmp / "ddp"), "--trainer.devices", "2",
          "--trainer.strategy", "ddp", f"--trainer.callbacks+={probe}"],
@@ -89,7 +91,7 @@ def two_nodes(runs, tmp_path_factory):
 def test_both_processes_map_one_store(runs):
     stores = {r["store"] for r in runs["ranks"]}
     assert len(stores) == 1 and all(r["maps_store"] for r in runs["ranks"])
-    assert runs["ddp"].stderr.count("microgpt: building the token store") == 1  # by rank 0, before the single run
+    assert runs["ddp"].stderr.count("microgpt: building the token store") == 1  # by rank 0 only
 
 
 def test_two_nodes_build_the_store_once_each_and_train_as_one_process(runs, two_nodes):
