@@ -190,7 +190,7 @@ class MicroGPT(L.LightningModule):
             self.first_unchecked_step = self.global_step + 1
         self.unchecked_losses.append(batch_loss)
         if len(self.unchecked_losses) >= 1024:  # joined on the device: a run that never logs holds one tensor
-            self.unchecked_losses = [torch.cat([loss.reshape(-1) for loss in self.unchecked_losses])]
+            self.unchecked_losses = [self.joined_losses()]
         if self.logs_this_step():
             self.stop_if_nonfinite()
             # Loggers only: Lightning turns progress-bar metrics into Python floats after every step,
@@ -201,11 +201,15 @@ class MicroGPT(L.LightningModule):
         self.accumulated: torch.Tensor | None = None  # (NLL sum, token count) of the micro-batches so far
         self.unchecked_losses: list[torch.Tensor] = []
 
+    def joined_losses(self) -> torch.Tensor:
+        """The losses not yet checked, as one tensor on the device."""
+        return torch.cat([loss.reshape(-1) for loss in self.unchecked_losses])
+
     def stop_if_nonfinite(self) -> None:
         """Raise ``NonFiniteLoss`` naming the first step whose training loss was NaN or infinite, if any."""
         if not getattr(self, "unchecked_losses", None):
             return
-        losses = torch.cat([loss.reshape(-1) for loss in self.unchecked_losses])
+        losses = self.joined_losses()
         self.unchecked_losses = []
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
