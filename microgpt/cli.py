@@ -24,6 +24,7 @@ from microgpt.callbacks import ProgressBar, Stopped, WriteNames
 from microgpt.checkpoint import find_checkpoint, load_checkpoint
 from microgpt.data import NamesDataModule
 from microgpt.errors import UserError
+from microgpt.hooks import QuietProfiler, skip_idle_hooks
 from microgpt.module import MicroGPT
 
 DESCRIPTIONS = {
@@ -102,7 +103,8 @@ class MicroGPTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """Lightning's default TensorBoard logger without its ``hp_metric`` placeholder; ``predict`` writes its
         names with ``WriteNames`` unless the recipe brings a prediction writer; a progress bar that is not
-        redrawn every step; one line for a log folder that cannot be written."""
+        redrawn every step; Lightning's hook calls passing by the hooks that do nothing (``microgpt.hooks``);
+        one line for a log folder that cannot be written."""
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or os.getcwd()
         if config.get("logger") in (None, True):  # Lightning reads None as its default logger
@@ -113,7 +115,10 @@ class MicroGPTCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, LightningProgressBar) for c in callbacks):
             callbacks.append(ProgressBar())  # Lightning's bar, drawn a few times a second rather than every step
         kwargs.setdefault("callbacks", callbacks)
+        if config.get("profiler") is None:
+            kwargs.setdefault("profiler", QuietProfiler())
         trainer = super().instantiate_trainer(**kwargs)
+        skip_idle_hooks(trainer, self.model)
         for folder, flag in [(root, "--trainer.default_root_dir"),
                              *[(logger.save_dir, "--trainer.logger.save_dir") for logger in trainer.loggers]]:
             check_writable(folder, flag)
