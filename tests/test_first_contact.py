@@ -109,6 +109,39 @@ def test_fit_records_its_curves_for_tensorboard(run_dir):
     assert "samples/text_summary" in events.Tags()["tensors"]
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_throughput_counts_every_batch_between_logging_steps(tiny_names, monkeypatch, pack):
+    """Over 20 steps logged every 10, with batches counted 8 at a time in between: the logged rates are the
+    names' own characters (plus the end token) and the names themselves, counted here from the names file."""
+    from types import SimpleNamespace
+
+    from microgpt import callbacks
+    from microgpt.callbacks import Throughput
+
+    names = tiny_names.read_text().split()
+    data = NamesDataModule(path=str(tiny_names), block_size=8, batch_size=3, val_size=2, pack=pack)
+    data.setup("fit")
+    train = data.train_names
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
+    trainer = SimpleNamespace(loggers=[logger], log_every_n_steps=10, global_step=0, is_global_zero=True,
+                              strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
+    clock = iter(range(100))
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: float(next(clock)))  # each reading a second later
+    throughput = Throughput()
+    throughput.on_train_start(trainer, SimpleNamespace(device=torch.device("cpu")))
+    batches = [batch for _ in range(4) for batch in data.train_dataloader()]  # 18 names: 6 batches a pass
+    for step, batch in zip(range(1, 21), batches):
+        trainer.global_step = step
+        throughput.on_train_batch_end(trainer, None, None, batch, step - 1)
+    assert [step for step, _ in logged] == [9, 19] and set(train) <= set(names)
+    for i, (_, metrics) in enumerate(logged):
+        batch_names = [train[p % len(train)] for p in range(30 * i, 30 * (i + 1))]  # 10 steps of 3 names
+        tokens = sum(min(len(name) + 1, 8) for name in batch_names)
+        # the clock is read at the start or the previous log (0, 2) and at this log (1, 3): one second
+        assert metrics == {"train/tokens_per_sec": tokens, "train/names_per_sec": 30}
+
+
 def test_best_checkpoint_holds_the_lowest_validation_loss(run_dir):
     tmp, names, _ = run_dir
     version = tmp / "root" / "lightning_logs" / "version_0"
