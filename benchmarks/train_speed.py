@@ -3,6 +3,7 @@
     python benchmarks/train_speed.py --names ../shared/data/names.txt            # the three goals, ~5 minutes
     python benchmarks/train_speed.py --names ../shared/data/names.txt --lean     # in-process steps/s, lean Trainer
     python benchmarks/train_speed.py --names ../shared/data/names.txt --profile  # where a default-config step goes
+    python benchmarks/train_speed.py --names ../shared/data/names.txt --interleaved  # (2, 3) with the drift cancelled
 
 The goals (default): every figure is the wall time of a fresh process, as a user runs it, median of
 ``--rounds``. (1) The seed recipe end to end, ``microgpt fit --config configs/names.yaml`` as shipped,
@@ -13,6 +14,12 @@ difference for the plain script: the seed model at batch 1 (``names.yaml``) and 
 validate once, after their last step (``--trainer.val_check_interval`` = their steps), as the seed recipe
 does, so start-up, scoring and sampling cancel out of (2) and (3). The plain loop uses the same ``microgpt.model.GPT`` (three
 q/k/v matrices), batches, AdamW groups and schedule.
+
+``--interleaved``: rows (2) and (3) measured so that the machine's drift cancels out. Each round is a fresh
+``microgpt fit`` of the shipped config with one more callback, which after every ``block`` Lightning steps runs
+``block`` steps of the plain loop (same names, model and optimizer, a model of its own) in the same process;
+Lightning's time per step is the time between those pauses. A quiet 2-core machine still drifts by 10-20%
+over seconds, which moves the fresh-process wall-clock ratios more than the differences being measured.
 
 ``--lean``: in one process, rounds alternate ``Trainer.fit`` of ``MicroGPT`` with no logger, checkpointing,
 progress bar or validation, and the plain loop; steps per second after the first tenth, best round.
@@ -200,6 +207,104 @@ def goals(names: Path, rounds: int, flags: list[str] | None = None, rows: str = 
             print(f"{label:<90} {median([wall(['-c', code], tmp) for _ in range(rounds)]):7.2f} s")
 
 
+class PlainSteps:
+    """The plain loop, resumable: ``run(k)`` trains ``k`` more steps (the loop of ``plain_train``)."""
+
+    def __init__(self, names: list[str], tokenizer, batch_size, n_embd, n_head, n_layer, block_size, steps, lr=1e-2):
+        from microgpt.data import encode_names
+
+        encoded = encode_names(names, tokenizer, block_size)
+        self.inputs, self.targets, self.lengths = encoded["inputs"], encoded["targets"], encoded["lengths"]
+        self.batch_size, self.step = batch_size, 0
+        torch.manual_seed(42)
+        self.gpt = GPT(tokenizer.vocab_size, n_embd, n_head, n_layer, block_size)
+        self.opt, self.schedule = optimizer_and_schedule(self.gpt, lr, steps)
+
+    def run(self, k: int) -> None:
+        n = len(self.lengths)
+        for _ in range(k):
+            idx = torch.arange(self.step * self.batch_size, (self.step + 1) * self.batch_size) % n
+            T = int(self.lengths[idx].max())
+            x, y = self.inputs[idx, :T], self.targets[idx, :T]
+            loss = F.cross_entropy(self.gpt(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.schedule.step()
+            self.step += 1
+
+
+INTERLEAVED = {  # label: (config, extra flags, plain-loop settings, steps, block)
+    "seed model at batch 1 (configs/names.yaml)":
+        ("names.yaml", [], {"batch_size": 1, "n_embd": 16, "n_head": 4, "n_layer": 1, "block_size": 8}, 4000, 100),
+    "makemore size: batch 32, 64-dim, 4 layers, context 16 (names-batched.yaml, n_layer 4)":
+        ("names-batched.yaml", ["--model.n_layer", "4"],
+         {"batch_size": 32, "n_embd": 64, "n_head": 4, "n_layer": 4, "block_size": 16}, 600, 20),
+}
+
+
+def interleaved_round(names: Path, label: str) -> None:
+    """One fresh-process round of ``--interleaved``; prints Lightning's and the plain loop's seconds per step."""
+    import contextlib
+
+    import lightning as L
+
+    from microgpt.cli import main as cli_main
+
+    config, extra, settings, steps, block = INTERLEAVED[label]
+    warm = steps // 10
+
+    class Interleave(L.Callback):
+        lightning = plain = 0.0
+        lightning_steps = plain_steps = 0
+
+        def on_train_start(self, trainer, pl_module):
+            dm = trainer.datamodule
+            self.loop = PlainSteps(dm.train_names, dm.tokenizer, **settings, steps=steps)
+            self.mark = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step < warm or trainer.global_step % block:
+                return
+            if self.mark is not None:
+                self.lightning += time.perf_counter() - self.mark
+                self.lightning_steps += block
+            start = time.perf_counter()
+            self.loop.run(block)
+            self.plain += time.perf_counter() - start
+            self.plain_steps += block
+            self.mark = time.perf_counter()
+
+    clock = Interleave()
+    for name in ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+                 "on_before_zero_grad"):
+        setattr(clock, name, None)  # as microgpt.hooks does for the shipped callbacks: no cost on the Lightning side
+    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as null, \
+            contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        cli = cli_main(["--config", str(ROOT / "configs" / config), *extra, "--data.path", str(names),
+                        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+                        "--trainer.default_root_dir", tmp], run=False)
+        cli.trainer.callbacks.append(clock)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    print(clock.lightning / clock.lightning_steps, clock.plain / clock.plain_steps)
+
+
+def interleaved(names: Path, rounds: int) -> None:
+    print(f"Interleaved in one fresh process per round (shipped config vs the plain loop), median of {rounds}\n")
+    for label in INTERLEAVED:
+        ratios, lightning, plain = [], [], []
+        for _ in range(rounds):
+            out = subprocess.run([sys.executable, __file__, "--names", str(names), "--interleaved-round", label],
+                                 check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            a, b = map(float, out.stdout.split()[-2:])
+            lightning.append(a)
+            plain.append(b)
+            ratios.append(a / b)
+        print(f"{'marginal step, ' + label:<90} {1000 * median(lightning):7.3f} ms")
+        print(f"{'  the plain loop, in the same process':<90} {1000 * median(plain):7.3f} ms   "
+              f"{median(ratios):.2f}x (median ratio; rounds {', '.join(f'{r:.2f}' for r in ratios)})")
+
+
 def plain_script(names: Path, steps: int = 500, batch_size: int = 1, n_embd: int = 16, n_layer: int = 1,
                  block_size: int = 8) -> None:
     """A recipe end to end without a framework (torch and the GPT class only): read, train, score, sample, save."""
@@ -319,6 +424,9 @@ def main() -> None:
                         "machine 1 avoids idle threads spinning against other processes")
     parser.add_argument("--flags", default="", help="extra flags for every microgpt fit, e.g. to measure a lever")
     parser.add_argument("--seed-only", action="store_true", help="only the seed model's marginal step")
+    parser.add_argument("--interleaved", action="store_true", help="rows (2, 3), the plain loop run between "
+                        "blocks of the shipped config's steps in the same fresh process")
+    parser.add_argument("--interleaved-round", help=argparse.SUPPRESS)
     parser.add_argument("--plain-script", action="store_true", help=argparse.SUPPRESS)
     for flag, default in [("steps", 500), ("batch_size", 1), ("n_embd", 16), ("n_layer", 1), ("block_size", 8)]:
         parser.add_argument(f"--{flag}", type=int, default=default, help=argparse.SUPPRESS)
@@ -331,9 +439,13 @@ def main() -> None:
         return plain_script(names, args.steps, args.batch_size, args.n_embd, args.n_layer, args.block_size)
     if args.profile:
         return profile_lightning(names)
+    if args.interleaved_round:
+        return interleaved_round(names, args.interleaved_round)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     if args.lean:
         return throughput(names, args.rounds, 1 / 3 if args.quick else 1.0)
+    if args.interleaved:
+        return interleaved(names, args.rounds)
     goals(names, args.rounds, args.flags.split(), "seed" if args.seed_only else "all")
 
 
