@@ -99,3 +99,19 @@ def test_a_hook_a_subclass_overrides_is_never_switched_off(hook):
     callback = trainer.callbacks[0]
     assert callable(getattr(callback, hook))
     assert all(getattr(callback, name) is None for name in CALLBACK_BATCH_HOOKS if name != hook)
+
+
+def test_hooks_set_on_the_instance_are_kept(tiny_names):
+    """Lightning's ``LambdaCallback`` sets the hooks it is given on the instance: those still run every step."""
+    from lightning.pytorch.callbacks import LambdaCallback
+
+    ends = []
+    callback = LambdaCallback(on_train_batch_end=lambda trainer, *args: ends.append(trainer.global_step))
+    data = NamesDataModule(path=str(tiny_names), block_size=8, batch_size=4, val_size=4)
+    model = MicroGPT(data.vocab, n_embd=16, n_head=4, n_layer=1, block_size=8)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[callback])
+    skip_idle_hooks(trainer, model)
+    assert callback.on_before_backward is None and callable(callback.on_train_batch_end)
+    trainer.fit(model, datamodule=data)
+    assert ends == [1, 2, 3]
