@@ -70,28 +70,41 @@ def optimizer_and_schedule(gpt: torch.nn.Module, lr: float, total: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine)
 
 
+class PlainSteps:
+    """The plain loop, resumable: ``run(k)`` trains ``k`` more steps and returns the last loss."""
+
+    def __init__(self, encoded, vocab_size, batch_size, n_embd, n_head, n_layer, block_size, steps, lr=1e-2):
+        self.inputs, self.targets, self.lengths = encoded["inputs"], encoded["targets"], encoded["lengths"]
+        self.batch_size, self.step = batch_size, 0
+        torch.manual_seed(42)
+        self.gpt = GPT(vocab_size, n_embd, n_head, n_layer, block_size)
+        self.opt, self.schedule = optimizer_and_schedule(self.gpt, lr, steps)
+
+    def run(self, k: int) -> torch.Tensor:
+        n = len(self.lengths)
+        for _ in range(k):
+            idx = torch.arange(self.step * self.batch_size, (self.step + 1) * self.batch_size) % n
+            T = int(self.lengths[idx].max())
+            x, y = self.inputs[idx, :T], self.targets[idx, :T]
+            loss = F.cross_entropy(self.gpt(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.schedule.step()
+            self.step += 1
+        return loss
+
+
 def plain_train(encoded, vocab_size, batch_size, n_embd, n_head, n_layer, block_size, steps, lr=1e-2):
     """The plain loop; returns (seconds per timed step, the timed steps' target-token count, final loss)."""
-    torch.manual_seed(42)
-    gpt = GPT(vocab_size, n_embd, n_head, n_layer, block_size)
-    opt, schedule = optimizer_and_schedule(gpt, lr, steps)
-    inputs, targets, lengths = encoded["inputs"], encoded["targets"], encoded["lengths"]
-    n, warm = len(lengths), steps // 10
-    tokens = 0
-    for step in range(steps):
-        if step == warm:
-            start = time.perf_counter()
-        idx = torch.arange(step * batch_size, (step + 1) * batch_size) % n
-        T = int(lengths[idx].max())
-        x, y = inputs[idx, :T], targets[idx, :T]
-        loss = F.cross_entropy(gpt(x).flatten(0, 1), y.flatten(), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        if step >= warm:
-            tokens += int(lengths[idx].sum())
-    return (time.perf_counter() - start) / (steps - warm), tokens, float(loss.detach())
+    loop = PlainSteps(encoded, vocab_size, batch_size, n_embd, n_head, n_layer, block_size, steps, lr)
+    warm = steps // 10
+    loop.run(warm)
+    start = time.perf_counter()
+    loss = loop.run(steps - warm)
+    seconds = (time.perf_counter() - start) / (steps - warm)
+    timed = torch.arange(warm * batch_size, steps * batch_size) % len(loop.lengths)
+    return seconds, int(loop.lengths[timed].sum()), float(loss.detach())
 
 
 def lightning_train(names, batch_size, n_embd, n_head, n_layer, block_size, steps, lr=1e-2, pack=False, profile=None):
@@ -207,39 +220,10 @@ def goals(names: Path, rounds: int, flags: list[str] | None = None, rows: str = 
             print(f"{label:<90} {median([wall(['-c', code], tmp) for _ in range(rounds)]):7.2f} s")
 
 
-class PlainSteps:
-    """The plain loop, resumable: ``run(k)`` trains ``k`` more steps (the loop of ``plain_train``)."""
 
-    def __init__(self, names: list[str], tokenizer, batch_size, n_embd, n_head, n_layer, block_size, steps, lr=1e-2):
-        from microgpt.data import encode_names
-
-        encoded = encode_names(names, tokenizer, block_size)
-        self.inputs, self.targets, self.lengths = encoded["inputs"], encoded["targets"], encoded["lengths"]
-        self.batch_size, self.step = batch_size, 0
-        torch.manual_seed(42)
-        self.gpt = GPT(tokenizer.vocab_size, n_embd, n_head, n_layer, block_size)
-        self.opt, self.schedule = optimizer_and_schedule(self.gpt, lr, steps)
-
-    def run(self, k: int) -> None:
-        n = len(self.lengths)
-        for _ in range(k):
-            idx = torch.arange(self.step * self.batch_size, (self.step + 1) * self.batch_size) % n
-            T = int(self.lengths[idx].max())
-            x, y = self.inputs[idx, :T], self.targets[idx, :T]
-            loss = F.cross_entropy(self.gpt(x).flatten(0, 1), y.flatten(), ignore_index=-100)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            self.schedule.step()
-            self.step += 1
-
-
-INTERLEAVED = {  # label: (config, extra flags, plain-loop settings, steps, block)
-    "seed model at batch 1 (configs/names.yaml)":
-        ("names.yaml", [], {"batch_size": 1, "n_embd": 16, "n_head": 4, "n_layer": 1, "block_size": 8}, 4000, 100),
-    "makemore size: batch 32, 64-dim, 4 layers, context 16 (names-batched.yaml, n_layer 4)":
-        ("names-batched.yaml", ["--model.n_layer", "4"],
-         {"batch_size": 32, "n_embd": 64, "n_head": 4, "n_layer": 4, "block_size": 16}, 600, 20),
+INTERLEAVED = {  # GOALS' label: (steps, block) of a round
+    "seed model at batch 1 (configs/names.yaml)": (4000, 100),
+    "makemore size: batch 32, 64-dim, 4 layers, context 16 (names-batched.yaml, n_layer 4)": (600, 20),
 }
 
 
@@ -250,8 +234,11 @@ def interleaved_round(names: Path, label: str) -> None:
     import lightning as L
 
     from microgpt.cli import main as cli_main
+    from microgpt.data import encode_names
+    from microgpt.hooks import skip_idle_hooks
 
-    config, extra, settings, steps, block = INTERLEAVED[label]
+    config, extra, settings = GOALS[label][:3]
+    steps, block = INTERLEAVED[label]
     warm = steps // 10
 
     class Interleave(L.Callback):
@@ -260,7 +247,8 @@ def interleaved_round(names: Path, label: str) -> None:
 
         def on_train_start(self, trainer, pl_module):
             dm = trainer.datamodule
-            self.loop = PlainSteps(dm.train_names, dm.tokenizer, **settings, steps=steps)
+            encoded = encode_names(dm.train_names, dm.tokenizer, settings["block_size"])
+            self.loop = PlainSteps(encoded, dm.tokenizer.vocab_size, **settings, n_head=4, steps=steps)
             self.mark = None
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -276,15 +264,13 @@ def interleaved_round(names: Path, label: str) -> None:
             self.mark = time.perf_counter()
 
     clock = Interleave()
-    for name in ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
-                 "on_before_zero_grad"):
-        setattr(clock, name, None)  # as microgpt.hooks does for the shipped callbacks: no cost on the Lightning side
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as null, \
             contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
         cli = cli_main(["--config", str(ROOT / "configs" / config), *extra, "--data.path", str(names),
                         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
                         "--trainer.default_root_dir", tmp], run=False)
         cli.trainer.callbacks.append(clock)
+        skip_idle_hooks(cli.trainer)  # the clock's idle hooks cost the Lightning side nothing, like the others'
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     print(clock.lightning / clock.lightning_steps, clock.plain / clock.plain_steps)
 

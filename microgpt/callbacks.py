@@ -376,10 +376,11 @@ class Throughput(L.Callback):
         """(target tokens, packed names) in ``batches``: a packed row holds a name wherever a position 0 has
         a target."""
         real = torch.cat([b[0].reshape(-1) for b in batches]) != IGNORE_INDEX
+        tokens = real.sum()
         if len(batches[0]) == 1:
-            return torch.stack([real.sum(), torch.zeros_like(real.sum())])
+            return torch.stack([tokens, torch.zeros_like(tokens)])
         starts = torch.cat([b[1].reshape(-1) for b in batches]) == 0
-        return torch.stack([real.sum(), (starts & real).sum()])
+        return torch.stack([tokens, (starts & real).sum()])
 
 
 class WriteNames(BasePredictionWriter):

@@ -30,6 +30,7 @@ CALLBACK_BATCH_HOOKS = (
 MODULE_BATCH_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
                       "on_before_zero_grad")
 
+
 def idle_hooks(obj: object, base: type, names: tuple[str, ...]) -> list[str]:
     """The hooks in ``names`` that ``obj``'s class inherits unchanged from ``base`` (and that are not already off)."""
     return [name for name in names if getattr(type(obj), name, None) is getattr(base, name)
