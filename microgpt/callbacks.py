@@ -14,12 +14,11 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import callbacks as lightning_callbacks
-from lightning.pytorch.callbacks import BasePredictionWriter, Checkpoint, TQDMProgressBar, WeightAveraging
+from lightning.pytorch.callbacks import BasePredictionWriter, Checkpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from microgpt.checkpoint import atomic_torch_save, load_checkpoint
-from microgpt.data import IGNORE_INDEX
 from microgpt.errors import UserError
 
 
@@ -102,6 +101,20 @@ class RunCheckpoint(Checkpoint):
                 self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
         except ValueError:  # not the main thread: signals cannot be handled here
             self._restore_handlers()
+        else:
+            self._quiet_sigterm_broadcast(trainer)
+
+    def _quiet_sigterm_broadcast(self, trainer: L.Trainer) -> None:
+        """Under DDP, Lightning 2.6's training loop broadcasts its SIGTERM flag from rank 0 before every batch
+        and reads it on the host (``_TrainingEpochLoop._broadcast_sigterm_tensor``, Lightning issue #21487): a
+        collective and a device sync per step. While this callback's handlers are installed, Lightning's own
+        never runs, so that flag is always 0 and the stop is agreed here instead, on logging steps. The
+        broadcast is turned off for this run's loop only, and only where the loop has that method; another
+        Lightning keeps its own behaviour."""
+        loop = trainer.fit_loop.epoch_loop
+        if trainer.world_size > 1 and callable(getattr(loop, "_broadcast_sigterm_tensor", None)):
+            loop._broadcast_sigterm_tensor = lambda: None
+            self._quieted_loop = loop
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
@@ -161,19 +174,24 @@ class RunCheckpoint(Checkpoint):
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers = {}
+        loop = getattr(self, "_quieted_loop", None)
+        if loop is not None:
+            del loop._broadcast_sigterm_tensor  # the class's method again
+            self._quieted_loop = None
 
 
-class EMA(WeightAveraging):
+class EMA(L.Callback):
     """An exponential moving average of the weights, updated after every optimizer step; validation,
-    test, sampling and saved checkpoints use the average (Lightning's ``WeightAveraging``).
+    test, sampling and saved checkpoints use the average.
 
     The first update, after step 1, copies the weights; the update after optimizer step ``t + 1`` then uses
     the decay ``min(decay, (1 + t) / (10 + t))``, ``t`` being the number of updates so far. This warm-up,
     rather than bias correction, makes a short run's average span about its last ``t / 9`` steps instead of
     nearly all of them, so it is not dragged back towards the run's first weights. ``t`` is taken from the
-    trainer's step count (one update per optimizer step), so the device is never waited for and a resumed
-    run continues the ramp exactly. Updates use torch's multi-tensor EMA, several milliseconds a step faster
-    on a CPU than Lightning's ``EMAWeightAveraging``, which updates one parameter at a time.
+    trainer's step count (one update per optimizer step), so no device value is ever waited for and a resumed
+    run continues the ramp exactly. The average is kept in float32 whatever the training precision, and
+    updated with torch's multi-tensor EMA. Checkpoints hold the average as their weights and the raw weights
+    under ``current_model_state``, as Lightning's ``WeightAveraging`` writes them.
 
     Args:
         decay: Weight of the previous average at each update once warmed up; the average then spans
@@ -184,23 +202,79 @@ class EMA(WeightAveraging):
         if not 0 <= decay <= 1:
             raise UserError(f"EMA decay must be in [0, 1], got {decay}.")
         self.decay = decay
-        self.updates_so_far = 0
-        super().__init__(multi_avg_fn=self.update)
+        self.average: list[torch.Tensor] | None = None  # float32, in the order of the module's parameters
+        self._updated_at_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.average = None  # made by the first update of this fit, or restored from the checkpoint resumed
+        self._updated_at_step = -1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
-        self.updates_so_far = trainer.global_step - 1  # n_averaged before this step's update
-        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        """Update after each optimizer step (not after a micro-batch that only accumulated)."""
+        step = trainer.global_step
+        if step == self._updated_at_step:
+            return
+        self._updated_at_step = step
+        weights = [p.detach().float() for p in pl_module.parameters()]  # no copy when they are float32
+        updates_so_far = step - 1
+        if self.average is None or updates_so_far == 0:
+            self.average = [w.clone() for w in weights]
+        else:
+            t = updates_so_far
+            get_ema_multi_avg_fn(min(self.decay, (1 + t) / (10 + t)))(self.average, weights, None)
+
+    def swap(self, pl_module: L.LightningModule) -> None:
+        """Exchange the module's weights and the average."""
+        with torch.no_grad():
+            for p, a in zip(pl_module.parameters(), self.average):
+                current = p.detach().float().clone()
+                p.copy_(a)
+                a.copy_(current)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.average is not None and trainer.state.fn == "fit":
+            self.swap(pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.average is not None and trainer.state.fn == "fit":
+            self.swap(pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Training is over: from here on (sampling, scoring, the run's last save) the module is the average."""
+        if self.average is not None:
+            with torch.no_grad():
+                for p, a in zip(pl_module.parameters(), self.average):
+                    p.copy_(a)
+            self.average = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"latest_update_step": max(self._updated_at_step, 0)}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Save the average as the checkpoint's weights, and the raw weights beside them to resume from."""
+        if self.average is None:
+            return
+        names = [name for name, _ in pl_module.named_parameters()]
+        raw = checkpoint["state_dict"]
+        checkpoint["current_model_state"] = raw
+        averaged = dict(raw)
+        for name, a in zip(names, self.average):
+            averaged[name] = a.to(raw[name].dtype, copy=True)
+        checkpoint["state_dict"] = averaged
+        checkpoint["averaging_state"] = {"n_averaged": torch.tensor(trainer.global_step)}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Restore the average when resuming a fit; validate, test and predict score the checkpoint's weights,
-        which already are the average, so there is nothing to restore (and nothing to warn about)."""
-        if trainer.state.fn == "fit":
-            super().on_load_checkpoint(trainer, pl_module, checkpoint)
-
-    def update(self, averages: list[torch.Tensor], weights: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        """Move ``averages`` towards ``weights`` with the warmed-up decay of this update."""
-        t = self.updates_so_far
-        get_ema_multi_avg_fn(min(self.decay, (1 + t) / (10 + t)))(averages, weights, n_averaged)
+        """Resuming a fit: the average and the raw weights come back. Validate, test and predict score the
+        checkpoint's weights, which already are the average: nothing to restore."""
+        if trainer.state.fn != "fit":
+            return
+        if "current_model_state" in checkpoint:
+            params = dict(pl_module.named_parameters())
+            device = next(iter(params.values())).device
+            self.average = [checkpoint["state_dict"][name].to(device, torch.float32, copy=True) for name in params]
+            pl_module.load_state_dict(checkpoint["current_model_state"])
+            self._updated_at_step = checkpoint.get("global_step", -1)
+        # a checkpoint without an average: the next update starts it from the weights
 
 
 class SampleNames(L.Callback):
@@ -234,13 +308,17 @@ class SampleNames(L.Callback):
         self.prefix = prefix
         self.every_n_steps = every_n_steps
         self.seed = seed
+        self._sampled_at_step = -1
 
     def sample(self, pl_module: L.LightningModule, generator: torch.Generator | None) -> list[str]:
         return pl_module.sample(self.num_samples, self.temperature, self.top_k, self.prefix, generator)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
+        if not self.every_n_steps or step % self.every_n_steps or step == self._sampled_at_step:
+            return  # not a sampling step, or a micro-batch that did not end this optimizer step
+        self._sampled_at_step = step
+        if trainer.is_global_zero:
             generator = torch.Generator(pl_module.device).manual_seed((self.seed or 0) + step)
             log_samples(trainer, self.sample(pl_module, generator), step)
 
@@ -331,56 +409,36 @@ class ProgressBar(TQDMProgressBar):
 
 class Throughput(L.Callback):
     """Logs training throughput, ``train/tokens_per_sec`` and ``train/names_per_sec`` (all processes together),
-    averaged over the steps since the previous logging step.
+    averaged over the optimizer steps since the previous logging step.
 
-    Lightning's ``ThroughputMonitor`` waits for the device after every batch. This keeps the last few batches'
-    targets (and packed positions), counts them together on the device every ``fold`` batches, and reads the
-    counts only on logging steps, which synchronize anyway.
+    Lightning's ``ThroughputMonitor`` waits for the device after every batch. The batches here carry their
+    global target-token count as a host integer, and every global batch holds ``batch_size`` names, so
+    counting needs neither the device nor the other processes.
     """
 
-    fold = 8  # batches counted together: fewer device operations per step, and a bounded number of batches kept
-
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._batches: list[tuple[torch.Tensor, ...]] = []  # not yet counted
-        self._counts = torch.zeros(2, dtype=torch.long, device=pl_module.device)  # tokens, names since the last log
-        self._padded_names = 0  # padded rows hold one name each: counted on the host
+        self._tokens = self._names = 0  # since the last log
         self._since = time.perf_counter()
+        self._seen_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not trainer.loggers:
-            return
-        self._batches.append(batch[1:])  # (targets,) or, packed, (targets, positions)
-        if len(batch) == 2:
-            self._padded_names += batch[1].shape[0]
+        self._tokens += batch.tokens
+        self._names += trainer.datamodule.batch_size
+        step = trainer.global_step
         every = trainer.log_every_n_steps
-        logs = every > 0 and trainer.global_step % every == 0
-        if logs or len(self._batches) == self.fold:
-            self._counts += self.count(self._batches)
-            self._batches = []
-        if not logs:
-            return
-        counts = self._counts + torch.tensor([0, self._padded_names], device=self._counts.device)
-        tokens, names = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        if step == self._seen_step or not trainer.loggers or every < 1 or step % every:
+            self._seen_step = step
+            return  # mid-accumulation, or not a logging step
+        self._seen_step = step
         seconds = time.perf_counter() - self._since
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics({"train/tokens_per_sec": tokens / seconds, "train/names_per_sec": names / seconds},
-                                   step=trainer.global_step - 1)  # Lightning's step index, as for train/loss
-        self._counts.zero_()
-        self._padded_names = 0
+                logger.log_metrics({"train/tokens_per_sec": self._tokens / seconds,
+                                    "train/names_per_sec": self._names / seconds},
+                                   step=step - 1)  # Lightning's step index, as for train/loss
+        self._tokens = self._names = 0
         self._since = time.perf_counter()
-
-    @staticmethod
-    def count(batches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
-        """(target tokens, packed names) in ``batches``: a packed row holds a name wherever a position 0 has
-        a target."""
-        real = torch.cat([b[0].reshape(-1) for b in batches]) != IGNORE_INDEX
-        tokens = real.sum()
-        if len(batches[0]) == 1:
-            return torch.stack([tokens, torch.zeros_like(tokens)])
-        starts = torch.cat([b[1].reshape(-1) for b in batches]) == 0
-        return torch.stack([tokens, (starts & real).sum()])
 
 
 class WriteNames(BasePredictionWriter):
@@ -395,12 +453,18 @@ class WriteNames(BasePredictionWriter):
         self.output = output
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        """Gather every process's names on rank 0 (in rank order), which writes the one file."""
         names = [name for batch in predictions for name in batch]
+        log_dir = trainer.log_dir  # a broadcast under DDP: every process asks
+        if trainer.world_size > 1:
+            gathered = [None] * trainer.world_size if trainer.is_global_zero else None
+            torch.distributed.gather_object(names, gathered, dst=0)
+            if not trainer.is_global_zero:
+                return
+            names = [name for part in gathered for name in part]
         path = Path(self.output)
         if not path.is_absolute():
-            path = Path(trainer.log_dir or ".") / path
-        if trainer.world_size > 1:  # every process writes the names it made
-            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+            path = Path(log_dir or ".") / path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
         print(f"wrote {len(names)} names to {path}")

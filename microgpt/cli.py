@@ -138,8 +138,9 @@ class MicroGPTCLI(LightningCLI):
             val_loss = trainer.callback_metrics.get("val/loss")
         seconds = time.perf_counter() - self.fit_started
         val = f"{float(val_loss):.4f}" if val_loss is not None else "n/a"
+        train_loss = model.train_loss()  # summed over the processes: every one of them asks
         rank_zero_info(
-            f"final: step {trainer.global_step} | train loss {float(model.last_train_loss):.4f} "
+            f"final: step {trainer.global_step} | train loss {train_loss:.4f} "
             f"| val loss {val} | {seconds:.1f} s"
         )
 

@@ -16,12 +16,13 @@ from collections.abc import Callable, Iterator
 from functools import cached_property
 from importlib.resources import files
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from microgpt.errors import UserError
 from microgpt.store import (
@@ -39,6 +40,19 @@ from microgpt.tokenizer import CharTokenizer
 # makemore's names.txt (32,033 names, MIT licence; see NOTICE), shipped inside the package
 BUNDLED_NAMES = Path(str(files("microgpt") / "names.txt"))
 IGNORE_INDEX = -100  # target value of padded positions; F.cross_entropy skips it
+
+
+class Batch(NamedTuple):
+    """Rows of token ids and the ids they predict. ``positions`` is set for packed rows (several names per
+    row, each restarting at position 0). A training batch also carries, as host integers, the number of
+    target tokens of its whole global batch (``tokens``) and of every micro-batch of its optimizer step
+    (``step_tokens``), over all processes: the loss's denominator is known without waiting for any device."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    positions: torch.Tensor | None = None
+    tokens: int = 0
+    step_tokens: int = 0
 
 # The training order is a function of the global step, so resuming mid-epoch is exact without loader state.
 warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
@@ -129,6 +143,11 @@ class StoredNames:
                 found.setdefault(self.store.chars[bad[i]])
         return list(found)
 
+    def target_counts(self, idx: torch.Tensor) -> torch.Tensor:
+        """How many targets each of the names at ``idx`` has once cut to the context (``rows(idx)["lengths"]``)."""
+        lengths = self.store.lengths(np.asarray(self.lines[idx.numpy()]))
+        return torch.from_numpy(np.minimum(lengths + 1, self.block_size))
+
     def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         ids, lengths = self.store.gather(np.asarray(self.lines[idx.numpy()]), limit=self.block_size)
         return pad_rows(torch.from_numpy(self.ids[ids]), torch.from_numpy(lengths), self.bos, self.block_size)
@@ -140,6 +159,11 @@ Encoded = dict[str, torch.Tensor] | StoredNames  # names cut into rows, held in 
 def count(encoded: Encoded) -> int:
     """How many names ``encoded`` holds."""
     return len(encoded["lengths"]) if isinstance(encoded, dict) else len(encoded)
+
+
+def target_counts(encoded: Encoded, idx: torch.Tensor) -> torch.Tensor:
+    """How many target tokens each of the names at ``idx`` has, without cutting their rows."""
+    return encoded["lengths"][idx] if isinstance(encoded, dict) else encoded.target_counts(idx)
 
 
 def cut_rows(encoded: Encoded, idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -196,12 +220,15 @@ class TrainBatches(IterableDataset):
     Global batch ``k`` holds stream positions ``k*B .. k*B+B-1``; position ``p`` is name ``p % N``
     of pass ``p // N`` over the names (every pass in the given order, or reshuffled per pass when
     ``shuffle`` is set). A process of rank ``r`` out of ``W`` gets the ``r``-th of ``W`` equal
-    slices of every global batch. Each iteration yields the global batches ``window()`` returns,
-    as padded rows (``take``) or, with ``packed``, as packed rows (``pack``).
+    slices of every global batch. Epoch ``e`` is global batches ``e*P .. e*P+P-1`` (``P = len(self)``),
+    and an optimizer step takes ``accumulate`` of them, or the epoch's last few, as Lightning steps.
+    Each iteration yields the global batches ``window()`` returns, as ``Batch``es of padded rows
+    (``take``) or, with ``packed``, of packed rows (``pack``).
     """
 
     def __init__(self, encoded: Encoded, batch_size: int, window: Callable[[], range],
-                 shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1, packed: bool = False):
+                 shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1, packed: bool = False,
+                 accumulate: int = 1):
         self.encoded = encoded
         self.packed = packed
         self.num_names = count(encoded)
@@ -210,18 +237,18 @@ class TrainBatches(IterableDataset):
         self.shuffle = shuffle
         self.seed = seed
         self.rank, self.world_size = rank, world_size
+        self.accumulate = accumulate
         self.batches_per_epoch = math.ceil(self.num_names / batch_size)
+        self._step_tokens = (range(0), 0)  # (the global batches of an optimizer step, their target tokens)
 
     def __len__(self) -> int:
         """Batches in a whole epoch, also when resuming mid-epoch: Lightning counts the ones already done,
         and ``window()`` then yields only the rest."""
         return self.batches_per_epoch
 
-    def positions(self, k: int) -> torch.Tensor:
-        """The name indices of this process's slice of global batch ``k``."""
-        per_rank = self.batch_size // self.world_size
-        start = k * self.batch_size + self.rank * per_rank
-        p = torch.arange(start, start + per_rank)
+    def global_names(self, k: int) -> torch.Tensor:
+        """The name indices of global batch ``k``, all processes' slices in rank order."""
+        p = torch.arange(k * self.batch_size, (k + 1) * self.batch_size)
         idx = p % self.num_names
         if self.shuffle:
             passes = p // self.num_names
@@ -236,13 +263,41 @@ class TrainBatches(IterableDataset):
             self._cached = (n, torch.randperm(self.num_names, generator=generator))
         return self._cached[1]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def tokens(self, k: int) -> int:
+        """Target tokens in global batch ``k``, over all processes."""
+        return int(target_counts(self.encoded, self.global_names(k)).sum())
+
+    def step_batches(self, k: int) -> range:
+        """The global batches of the optimizer step that global batch ``k`` belongs to."""
+        epoch_start = k // self.batches_per_epoch * self.batches_per_epoch
+        first = epoch_start + (k - epoch_start) // self.accumulate * self.accumulate
+        return range(first, min(first + self.accumulate, epoch_start + self.batches_per_epoch))
+
+    def step_tokens(self, k: int, tokens: int) -> int:
+        """Target tokens in all the micro-batches of global batch ``k``'s optimizer step (``tokens`` are k's own)."""
+        if self.accumulate == 1:
+            return tokens
+        batches, total = self._step_tokens
+        if k not in batches:
+            batches = self.step_batches(k)
+            total = sum(tokens if j == k else self.tokens(j) for j in batches)
+            self._step_tokens = (batches, total)
+        return total
+
+    def __iter__(self) -> Iterator[Batch]:
+        per_rank = self.batch_size // self.world_size
         for k in self.window():
-            yield (pack if self.packed else take)(self.encoded, self.positions(k))
+            names = self.global_names(k)
+            tokens = int(target_counts(self.encoded, names).sum())
+            mine = names[self.rank * per_rank : (self.rank + 1) * per_rank]
+            rows = pack(self.encoded, mine) if self.packed else (*take(self.encoded, mine), None)
+            yield Batch(*rows, tokens=tokens, step_tokens=self.step_tokens(k, tokens))
 
 
 class EvalBatches(IterableDataset):
-    """Every name once, in batches; a process of rank ``r`` out of ``W`` scores names ``r, r+W, ...``."""
+    """Every name once, in batches; a process of rank ``r`` out of ``W`` scores names ``r, r+W, ...``.
+    A process that gets no names yields one empty batch, so that every process takes part in the
+    evaluation's end (where the metrics are summed over processes)."""
 
     def __init__(self, encoded: Encoded, batch_size: int, rank: int = 0, world_size: int = 1):
         self.encoded = encoded
@@ -250,11 +305,36 @@ class EvalBatches(IterableDataset):
         self.batch_size = batch_size
 
     def __len__(self) -> int:
-        return math.ceil(len(self.indices) / self.batch_size)
+        return max(1, math.ceil(len(self.indices) / self.batch_size))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
+        if not len(self.indices):
+            yield Batch(torch.zeros(0, 1, dtype=torch.long), torch.full((0, 1), IGNORE_INDEX, dtype=torch.long))
         for idx in self.indices.split(self.batch_size):
-            yield take(self.encoded, idx)
+            yield Batch(*take(self.encoded, idx))
+
+
+class PredictRequests:
+    """Sampling requests for ``predict``: this process's share of ``total`` names, in chunks of at most
+    ``chunk``, each with a seed of its own drawn from ``seed``, the process's rank and the chunk's number.
+    Every process gets at least one request (of 0 names, when there are more processes than names), so that
+    all of them reach the end of prediction, where the names are gathered."""
+
+    def __init__(self, total: int, chunk: int, request: dict, seed: int, rank: int = 0, world_size: int = 1):
+        share = total // world_size + (rank < total % world_size)
+        counts = [min(chunk, share - i) for i in range(0, share, chunk)] or [0]
+        self.requests = [{**request, "count": n, "seed": chunk_seed(seed, rank, i)} for i, n in enumerate(counts)]
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.requests)
+
+
+def chunk_seed(seed: int, rank: int, chunk: int) -> int:
+    """A seed for chunk ``chunk`` of process ``rank``'s names, well apart from every other (seed, rank, chunk)."""
+    return int(np.random.SeedSequence([seed % 2**63, rank, chunk]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class NamesDataModule(L.LightningDataModule):
@@ -411,6 +491,8 @@ class NamesDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         trainer = self.trainer
         self.rank, self.world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        # torch's seed as set by --seed_everything, read before a checkpoint's random state is restored
+        self.predict_seed = torch.initial_seed()
         if stage == "fit" and self.batch_size % self.world_size:
             raise UserError(
                 f"--data.batch_size {self.batch_size} cannot be split evenly over {self.world_size} processes."
@@ -459,28 +541,36 @@ class NamesDataModule(L.LightningDataModule):
             )
 
     def epoch_window(self) -> range:
-        """The global batches of the current epoch that are still to be trained on."""
+        """The global batches of the current epoch that are still to be trained on. Every epoch takes
+        ``ceil(P / N)`` optimizer steps for its ``P`` batches (Lightning steps on an epoch's last batch even
+        when fewer than ``N = accumulate_grad_batches`` have accumulated), so the step count says where
+        in its epoch the run is."""
         per_epoch = math.ceil(len(self.train_lines) / self.batch_size)
         trainer = self.trainer
         if trainer is None:
             return range(per_epoch)
-        done = trainer.global_step * trainer.accumulate_grad_batches
-        return range(done, (trainer.current_epoch + 1) * per_epoch)
+        accumulate = trainer.accumulate_grad_batches
+        epoch = trainer.current_epoch
+        steps_done = trainer.global_step - epoch * math.ceil(per_epoch / accumulate)
+        done = min(max(steps_done * accumulate, 0), per_epoch)
+        return range(epoch * per_epoch + done, (epoch + 1) * per_epoch)
 
     # The loaders are the batch iterables themselves: Lightning takes any iterable, the batches are made in
     # this process already, and a torch DataLoader around them would cost about 30 us a step for nothing.
     def train_dataloader(self) -> TrainBatches:
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
         return TrainBatches(self.train_encoded, self.batch_size, self.epoch_window, shuffle=self.shuffle,
-                            seed=self.seed, rank=self.rank, world_size=self.world_size, packed=self.pack)
+                            seed=self.seed, rank=self.rank, world_size=self.world_size, packed=self.pack,
+                            accumulate=accumulate)
 
     def val_dataloader(self) -> EvalBatches:
         return EvalBatches(self.val_encoded, self.eval_batch_size, self.rank, self.world_size)
 
-    def predict_dataloader(self) -> DataLoader:
-        """Sampling requests: ``predict_size`` names in chunks of ``eval_batch_size``."""
-        step = self.eval_batch_size
-        counts = [min(step, self.predict_size - i) for i in range(0, self.predict_size, step)]
-        return DataLoader([{**self.predict_request, "count": n} for n in counts], batch_size=None)
+    def predict_dataloader(self) -> PredictRequests:
+        """Sampling requests: this process's share of ``predict_size`` names, in chunks of ``eval_batch_size``,
+        drawn with seeds that follow from torch's seed (``--seed_everything``), the rank and the chunk."""
+        return PredictRequests(self.predict_size, self.eval_batch_size, self.predict_request, self.predict_seed,
+                               self.rank, self.world_size)
 
     def test_dataloader(self) -> EvalBatches:
         return EvalBatches(self.test_encoded, self.eval_batch_size, self.rank, self.world_size)

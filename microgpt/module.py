@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from microgpt.checkpoint import FORMAT, FORMAT_KEY
-from microgpt.data import IGNORE_INDEX
+from microgpt.data import IGNORE_INDEX, Batch
 from microgpt.errors import UserError
 from microgpt.model import GPT, Ensemble
 from microgpt.sample import load_members, load_model, sample_names
@@ -124,29 +124,32 @@ class MicroGPT(L.LightningModule):
         return sample_names(self.predictor, self.tokenizer, num_samples, temperature, top_k, prefix, generator)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
-        """A batch is a sampling request from the data module: how many names, and how to draw them."""
-        return self.sample(batch["count"], batch["temperature"], batch["top_k"], batch["prefix"])
+        """A batch is a sampling request from the data module: how many names, how to draw them, and a seed."""
+        if batch["count"] == 0:
+            return []
+        generator = torch.Generator(self.device).manual_seed(batch["seed"])
+        return self.sample(batch["count"], batch["temperature"], batch["top_k"], batch["prefix"], generator)
 
-    def logits(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(self, batch: Batch | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, targets) of a batch of padded rows (inputs, targets) or packed rows (inputs, targets, positions)."""
-        inputs, targets, positions = batch if len(batch) == 3 else (*batch, None)
-        return self.predictor(inputs, positions=positions), targets
+        batch = Batch(*batch)
+        return self.predictor(batch.inputs, positions=batch.positions), batch.targets
 
-    def token_nll(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def token_nll(self, batch: Batch | tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Negative log-likelihood of every real (non-padded) target token in the batch."""
         logits, targets = self.logits(batch)
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
         return nll[targets.flatten() != IGNORE_INDEX]
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """The mean NLL over every target token of the optimizer step, whichever process and micro-batch
         holds the token.
 
-        With W processes, each one's loss is its NLL sum divided by the global token count, times W:
-        DDP averages the gradients over processes, so the update equals one process on the whole batch.
-        With ``--trainer.accumulate_grad_batches N`` the token count of all N micro-batches is known only
-        after the last one: each returns its NLL sum, and ``on_before_optimizer_step`` scales the summed
-        gradients, so the update equals one step on all N micro-batches at once.
+        The batch says how many target tokens its optimizer step has over all processes and micro-batches
+        (``step_tokens``, counted on the host). Each micro-batch's loss is its NLL sum over that count, times
+        W processes (DDP averages their gradients) and N micro-batches (Lightning divides each one's loss by
+        N): the summed gradients are those of one step on the whole batch, with no collective and no scaling
+        afterwards, so gradient clipping sees them as they are.
         """
         logits, targets = self.logits(batch)
         logits, targets = logits.flatten(0, 1), targets.flatten()
@@ -156,60 +159,59 @@ class MicroGPT(L.LightningModule):
             self.end_step(loss.detach())
             return loss
         nll = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-        sums = torch.stack([nll.detach(), (targets != IGNORE_INDEX).sum().to(nll.dtype)])
-        if accumulate > 1:
-            self.accumulated = sums if self.accumulated is None else self.accumulated + sums
-            return nll
-        nll_total, count_total = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        loss, batch_loss = nll * world_size / count_total, nll_total / count_total
-        self.end_step(batch_loss)
-        return loss
+        share = nll.detach() / batch.step_tokens  # this process's and micro-batch's part of the step's loss
+        self.step_share = share if self.step_share is None else self.step_share + share
+        if self.ends_optimizer_step(batch_idx):
+            self.end_step(self.step_share)
+            self.step_share = None
+        return nll * (world_size * accumulate / batch.step_tokens)
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """With accumulated micro-batches, scale the summed gradients to the mean over all their tokens
-        (Lightning has divided each micro-batch's loss by N, and DDP averages over the W processes)."""
+    def ends_optimizer_step(self, batch_idx: int) -> bool:
+        """Whether the optimizer steps after this batch: every N-th batch of an epoch, and its last."""
         accumulate = self.trainer.accumulate_grad_batches
-        if accumulate == 1:
-            return
-        nll_total, count_total = self.trainer.strategy.reduce(self.accumulated, reduce_op="sum")
-        self.accumulated = None
-        scale = accumulate * self.trainer.world_size / count_total
-        for p in self.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        self.end_step(nll_total / count_total)
+        return (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == self.trainer.num_training_batches
 
-    def end_step(self, batch_loss: torch.Tensor) -> None:
-        """Keep the step's loss (the same global value on every process), and log it on logging steps.
+    def end_step(self, step_share: torch.Tensor) -> None:
+        """Keep this process's part of the step's loss (the whole loss on one process), and log the loss on
+        logging steps.
 
-        Every step's loss stays on the device until a step where the host waits anyway (a logging step, or
-        a checkpoint being written) checks them all, so a non-finite loss is named by its first step and no
-        other step waits for the device."""
-        self.last_train_loss = batch_loss
+        The parts stay on the device until a step where the host waits anyway (a logging step, or a checkpoint
+        being written): there they are summed over the processes and checked, so a non-finite loss is named
+        by its first step and no other step waits for the device or another process."""
+        self.last_train_loss = step_share
         if not self.unchecked_losses:
             self.first_unchecked_step = self.global_step + 1
-        self.unchecked_losses.append(batch_loss)
+        self.unchecked_losses.append(step_share)
         if len(self.unchecked_losses) >= 1024:  # joined on the device: a run that never logs holds one tensor
             self.unchecked_losses = [self.joined_losses()]
         if self.logs_this_step():
-            self.stop_if_nonfinite()
+            losses = self.check_losses()
             # Loggers only: Lightning turns progress-bar metrics into Python floats after every step,
             # a host sync per step.
-            self.log("train/loss", batch_loss)
+            self.log("train/loss", losses[-1])
 
     def on_train_start(self) -> None:
-        self.accumulated: torch.Tensor | None = None  # (NLL sum, token count) of the micro-batches so far
+        self.step_share: torch.Tensor | None = None  # this process's part of the loss of the step in progress
         self.unchecked_losses: list[torch.Tensor] = []
 
     def joined_losses(self) -> torch.Tensor:
         """The losses not yet checked, as one tensor on the device."""
         return torch.cat([loss.reshape(-1) for loss in self.unchecked_losses])
 
-    def stop_if_nonfinite(self) -> None:
-        """Raise ``NonFiniteLoss`` naming the first step whose training loss was NaN or infinite, if any."""
-        if not getattr(self, "unchecked_losses", None):
-            return
-        losses = self.joined_losses()
+    def train_loss(self) -> float:
+        """The latest step's training loss over all processes (a collective under DDP: every process calls it)."""
+        loss = self.last_train_loss.reshape(1)
+        if self.trainer.world_size > 1:
+            loss = self.trainer.strategy.reduce(loss, reduce_op="sum")
+        return float(loss[0])
+
+    def check_losses(self) -> torch.Tensor:
+        """The losses of the steps since the last check, summed over processes; raises ``NonFiniteLoss``
+        naming the first step whose loss was NaN or infinite. Every process calls it at the same steps."""
+        unchecked = getattr(self, "unchecked_losses", [])
+        losses = self.joined_losses() if unchecked else torch.zeros(0, device=self.device)
+        if self.trainer.world_size > 1:
+            losses = self.trainer.strategy.reduce(losses, reduce_op="sum")
         self.unchecked_losses = []
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
@@ -222,12 +224,13 @@ class MicroGPT(L.LightningModule):
                 f"the training loss is {float(losses[i])} at step {step} (lr {lr:.6g}); "
                 "stopped without saving, so the last checkpoint is the last good one."
             )
+        return losses
 
     def logs_this_step(self) -> bool:
         """Whether the loggers write at the step being trained: every ``log_every_n_steps`` steps.
 
-        ``self.log`` costs about a millisecond of Python per call, as much as the seed model's whole
-        forward pass, so ``train/loss`` is only handed to Lightning when a logger will write it.
+        ``self.log`` costs as much Python as the seed model's whole forward pass, so ``train/loss`` is
+        only handed to Lightning when a logger will write it.
         """
         every = self.trainer.log_every_n_steps
         return every > 0 and (self.trainer.global_step + 1) % every == 0
@@ -267,16 +270,34 @@ class MicroGPT(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Refuse to save weights trained on a non-finite loss; store the format version and the random
-        state that dropout and sampling draw from."""
-        self.stop_if_nonfinite()
+        state that dropout and sampling draw from, every process's own (a collective under DDP: every process
+        saves)."""
+        if self.trainer.training:
+            self.check_losses()
         checkpoint[FORMAT_KEY] = FORMAT
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        if self.trainer.world_size > 1:
+            checkpoint["rng"]["torch_per_rank"] = self.gathered(torch.get_rng_state())
+            if self.device.type == "cuda":
+                checkpoint["rng"]["cuda_per_rank"] = self.gathered(torch.cuda.get_rng_state(self.device))
+
+    def gathered(self, state: torch.Tensor) -> list[torch.Tensor]:
+        """Every process's ``state`` (a byte tensor), in rank order, on the CPU, each in a storage of its own."""
+        return [s.clone() for s in self.trainer.strategy.all_gather(state.to(self.device)).cpu()]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the random state, so a resumed run draws exactly what the uninterrupted run drew."""
+        """Restore the random state, so a resumed run draws exactly what the uninterrupted run drew: with as
+        many processes as saved it, each process its own; otherwise rank 0's (dropout then draws anew)."""
         rng = checkpoint.get("rng", {})
+        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer else (1, 0)
+        if world_size > 1 and len(rng.get("torch_per_rank", ())) == world_size:
+            # a copy: the state must start its own storage (a view into a stacked tensor crashes torch)
+            torch.set_rng_state(rng["torch_per_rank"][rank].clone())
+            if "cuda_per_rank" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda_per_rank"][rank].clone(), self.device)
+            return
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
@@ -290,6 +311,7 @@ class MicroGPT(L.LightningModule):
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+            fused=True if self.device.type == "cuda" else None,  # torch's default on the CPU: the seed's exact numbers
         )
         total = int(self.trainer.estimated_stepping_batches)
         schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -3,6 +3,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,3 +48,10 @@ def tiny_names(tmp_path) -> Path:
     path = tmp_path / "names.txt"
     path.write_text("\n".join(names) + "\n", encoding="utf-8")
     return path
+
+
+def same_batch(a, b) -> bool:
+    """Whether two batches hold equal fields: tensors element for element, the rest (None, counts) by value."""
+    return len(a) == len(b) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
+        for x, y in zip(a, b))

@@ -50,7 +50,7 @@ def test_split_and_training_order_follow_the_seed_shuffle(tmp_path):
     batches = list(dm.train_dataloader())
     assert len(batches) == 14  # ceil(40 / 3)
     seen = []
-    for inputs, targets in batches:
+    for inputs, targets, *_ in batches:
         for row_in, row_t in zip(inputs, targets):
             seen.append(dm.tokenizer.decode(row_in[1:].tolist() + [row_t[row_t != IGNORE_INDEX][-1].item()]))
     # batch k holds names k*B .. k*B+B-1 of the training order, wrapping around at the end
@@ -60,7 +60,7 @@ def test_split_and_training_order_follow_the_seed_shuffle(tmp_path):
 def test_batches_are_trimmed_and_right_padded(tiny_names):
     dm = NamesDataModule(path=str(tiny_names), batch_size=4, val_size=4)
     dm.setup("fit")
-    inputs, targets = next(iter(dm.train_dataloader()))
+    inputs, targets, *_ = next(iter(dm.train_dataloader()))
     names = dm.train_names[:4]
     assert inputs.shape[1] == max(len(n) + 1 for n in names)
     for name, row in zip(names, targets):

@@ -17,12 +17,14 @@ from microgpt.module import MicroGPT
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "names-batched.yaml")
-STEPS = 4
+STEPS = 6
+LOG_EVERY = 3
 
 
 def common_args(names: Path, root: Path) -> list[str]:
-    return ["--config", CONFIG, "--data.path", str(names), "--data.val_size", "8", "--data.test_size", "0",
-            "--data.batch_size", "8",
+    # one validation name: the second process scores none
+    return ["--config", CONFIG, "--data.path", str(names), "--data.val_size", "1", "--data.test_size", "0",
+            "--data.batch_size", "8", "--trainer.log_every_n_steps", str(LOG_EVERY),
             "--data.eval_batch_size", "3", "--trainer.max_steps", str(STEPS), "--trainer.accelerator", "cpu",
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root)]
 
@@ -137,7 +139,7 @@ def test_losses_and_weights_equal_one_process(runs):
 
 
 def test_val_loss_is_synced_and_equals_one_process(runs):
-    """Each process scores 4 of the 8 held-out names; the logged value is over all 8, on both ranks."""
+    """One held-out name: process 0 scores it, process 1 none; the logged value is over both, on both ranks."""
     expected = runs["single"].val_losses[-1]
     for rank in runs["ranks"]:
         assert rank["val_losses"], "no validation ran under DDP"
@@ -147,7 +149,7 @@ def test_val_loss_is_synced_and_equals_one_process(runs):
 def test_samples_are_printed_once(runs):
     out = runs["ddp"].stdout
     assert [int(i) for i in re.findall(r"^sample +(\d+): ", out, flags=re.MULTILINE)] == list(range(1, 21))
-    assert len(re.findall(r"^final: step 4 ", out + runs["ddp"].stderr, flags=re.MULTILINE)) == 1
+    assert len(re.findall(rf"^final: step {STEPS} ", out + runs["ddp"].stderr, flags=re.MULTILINE)) == 1
 
 
 def test_ddp_checkpoint_loads_and_samples_in_one_process(runs):
@@ -156,3 +158,49 @@ def test_ddp_checkpoint_loads_and_samples_in_one_process(runs):
     from_single = runs["model"].sample(5, generator=torch.Generator().manual_seed(7))
     assert from_ckpt == from_single
     assert all(len(s) <= 16 for s in from_ckpt) and any(from_ckpt)
+
+
+def test_a_step_that_neither_logs_nor_saves_makes_no_collective(runs):
+    """DDP's gradient all-reduce (C++, not counted) is the only communication of a quiet step; logging
+    steps may sync (the loss, the stop signal and the checkpoint clock are agreed there)."""
+    for rank in runs["ranks"]:
+        assert rank["logging_steps"] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+        assert len(rank["collectives"]) == STEPS
+        quiet = [step for step in range(1, STEPS) if step % LOG_EVERY]  # the last step saves last.ckpt
+        assert quiet and all(rank["collectives"][step - 1] == {} for step in quiet), rank["collectives"]
+        assert rank["collectives"][LOG_EVERY - 1], "the counting saw no collective at all: it is not counting"
+
+
+@pytest.fixture(scope="module")
+def predicted(runs, tmp_path_factory):
+    """``predict`` of 5 names on 2 processes, in chunks of at most 2: process 0 makes 3, process 1 makes 2."""
+    tmp = tmp_path_factory.mktemp("predict")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MICROGPT_CACHE": str(tmp / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "microgpt", "predict", "--config", CONFIG, "--data.path", str(runs["names"]),
+         "--data.val_size", "1", "--data.test_size", "0", "--data.predict_size", "5", "--data.eval_batch_size", "2",
+         "--ckpt_path", str(runs["ckpt"]), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+         "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false",
+         "--trainer.default_root_dir", str(tmp)],
+        check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, tmp
+
+
+def test_predict_on_two_processes_writes_every_name_once_in_one_file(runs, predicted):
+    result, tmp = predicted
+    lines = re.findall(r"^wrote (\d+) names to (.+)$", result.stdout, flags=re.MULTILINE)
+    assert len(lines) == 1 and lines[0][0] == "5"
+    names = Path(lines[0][1]).read_text().splitlines()
+    assert len(names) == 5 and list(tmp.rglob("predictions*.txt")) == [Path(lines[0][1])]
+    # each process draws its own share with its own generator, seeded from the run's seed (42), its rank and
+    # the chunk: the same draws made here from the checkpoint, one process at a time
+    from microgpt.data import chunk_seed
+
+    model = MicroGPT.load_from_checkpoint(runs["ckpt"], map_location="cpu").eval()
+    expected = []
+    for rank, chunks in ((0, (2, 1)), (1, (2,))):
+        for i, n in enumerate(chunks):
+            generator = torch.Generator().manual_seed(chunk_seed(42, rank, i))
+            expected += model.sample(n, temperature=0.5, generator=generator)
+    assert names == expected

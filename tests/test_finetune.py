@@ -118,10 +118,10 @@ def test_the_first_step_loss_is_the_checkpoint_models_loss(pretrained, tmp_path,
     assert cli.model.tokenizer.chars == PRETRAIN_VOCAB  # no new characters: the ids are the checkpoint's
 
     old, _ = load_model(pretrained)
-    inputs, targets, *positions = first.batch
-    assert len(positions) == (pack == "true")
+    inputs, targets, positions = first.batch[:3]
+    assert (positions is not None) == (pack == "true")
     with torch.no_grad():
-        logits = old(inputs, positions=positions[0] if positions else None)
+        logits = old(inputs, positions=positions)
     expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     assert first.loss == pytest.approx(float(expected), abs=1e-6)
 

@@ -102,7 +102,7 @@ def test_fit_records_its_curves_for_tensorboard(run_dir):
     batches = iter(dm.train_dataloader())
     for step, (tokens, names_) in enumerate(zip(events.Scalars("train/tokens_per_sec"),
                                                 events.Scalars("train/names_per_sec"))):
-        inputs, targets = next(batches)
+        inputs, targets, *_ = next(batches)
         assert tokens.step == names_.step == step
         assert tokens.value / names_.value == pytest.approx((targets != IGNORE_INDEX).sum().item() / len(inputs))
     assert step == 7
@@ -111,8 +111,8 @@ def test_fit_records_its_curves_for_tensorboard(run_dir):
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_throughput_counts_every_batch_between_logging_steps(tiny_names, monkeypatch, pack):
-    """Over 20 steps logged every 10, with batches counted 8 at a time in between: the logged rates are the
-    names' own characters (plus the end token) and the names themselves, counted here from the names file."""
+    """Over 20 steps logged every 10: the logged rates are the names' own characters (plus the end token) and
+    the names themselves, counted here from the names file."""
     from types import SimpleNamespace
 
     from microgpt import callbacks
@@ -125,7 +125,7 @@ def test_throughput_counts_every_batch_between_logging_steps(tiny_names, monkeyp
     logged = []
     logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
     trainer = SimpleNamespace(loggers=[logger], log_every_n_steps=10, global_step=0, is_global_zero=True,
-                              strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
+                              datamodule=data)
     clock = iter(range(100))
     monkeypatch.setattr(callbacks.time, "perf_counter", lambda: float(next(clock)))  # each reading a second later
     throughput = Throughput()

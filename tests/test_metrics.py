@@ -107,8 +107,8 @@ def test_shuffle_visits_every_name_once_per_pass_in_a_new_order(tmp_path):
     dm = NamesDataModule(path=str(path), batch_size=5, val_size=2, shuffle=True)
     dm.setup("fit")
     batches = dm.train_dataloader()
-    first = torch.cat([batches.positions(k) for k in range(28 // 4)])[:28]
-    passes = torch.cat([batches.positions(k) for k in range(12)])  # 60 positions: two passes and a bit
+    first = torch.cat([batches.global_names(k) for k in range(28 // 4)])[:28]
+    passes = torch.cat([batches.global_names(k) for k in range(12)])  # 60 positions: two passes and a bit
     assert sorted(passes[:28].tolist()) == list(range(28)) == sorted(passes[28:56].tolist())
     assert passes[:28].tolist() != passes[28:56].tolist() != list(range(28))
     assert first.tolist() == passes[:28].tolist()
