@@ -313,6 +313,9 @@ class SampleNames(L.Callback):
     def sample(self, pl_module: L.LightningModule, generator: torch.Generator | None) -> list[str]:
         return pl_module.sample(self.num_samples, self.temperature, self.top_k, self.prefix, generator)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sampled_at_step = trainer.global_step  # a micro-batch that leaves the step count here ends no step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         step = trainer.global_step
         if not self.every_n_steps or step % self.every_n_steps or step == self._sampled_at_step:
