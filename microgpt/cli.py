@@ -117,7 +117,12 @@ class MicroGPTCLI(LightningCLI):
         kwargs.setdefault("callbacks", callbacks)
         if config.get("profiler") is None:
             kwargs.setdefault("profiler", QuietProfiler())
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except Exception as err:
+            if not raised_in(err, "accelerator_connector.py"):
+                raise
+            raise UserError(device_settings_error(config, err)) from None
         skip_idle_hooks(trainer, self.model)
         for folder, flag in [(root, "--trainer.default_root_dir"),
                              *[(logger.save_dir, "--trainer.logger.save_dir") for logger in trainer.loggers]]:
@@ -165,11 +170,38 @@ def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
         print("microgpt: stopped by SIGTERM outside training; nothing more was saved.", file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as err:
-        user_error = user_error_behind(err)
-        if user_error is None or os.environ.get("MICROGPT_DEBUG"):
+        if os.environ.get("MICROGPT_DEBUG"):
             raise
-        print(f"microgpt: error: {user_error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        user_error = user_error_behind(err)
+        if user_error is not None:
+            print(f"microgpt: error: {user_error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        lost = lost_connection(err)
+        if lost is None:
+            raise
+        print(f"microgpt: error: process {os.environ.get('RANK', os.environ.get('LOCAL_RANK', 0))} lost its "
+              f"connection to another process of this run, which stopped first ({lost}); that process's own "
+              "error, printed above, is the cause.", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def raised_in(err: BaseException, filename: str) -> bool:
+    """Whether ``err`` was raised from code in a file named ``filename``."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(filename):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def device_settings_error(config: dict, err: BaseException) -> str:
+    """One sentence for a device, strategy or precision that Lightning's trainer cannot set up here: the flags
+    as given and Lightning's reason."""
+    flags = " ".join(f"--trainer.{name} {config.get(name)}" for name in ("accelerator", "devices", "strategy",
+                                                                          "precision") if config.get(name) is not None)
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{flags}: Lightning cannot set these up here: {reason}"
 
 
 def check_writable(folder: str | os.PathLike | None, flag: str) -> None:
@@ -183,6 +215,18 @@ def check_writable(folder: str | os.PathLike | None, flag: str) -> None:
         raise UserError(f"{path}: cannot create this folder ({err.strerror}); choose another with {flag}.") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"{path}: cannot write to this folder; choose another with {flag}.")
+
+
+def lost_connection(err: BaseException) -> str | None:
+    """The first line of a collective's error saying that another process closed its connection, else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        text = str(err)
+        if isinstance(err, RuntimeError) and ("closed by peer" in text or "reset by peer" in text):
+            return text.strip().splitlines()[0][:200]
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def user_error_behind(err: BaseException) -> Exception | None:

@@ -254,12 +254,18 @@ class MicroGPT(L.LightningModule):
         loss = nll.compute()
         nll.reset()
         self.log_dict({f"{split}/loss": loss, f"{split}/ppl": loss.exp(), f"{split}/bpc": loss / math.log(2)},
-                      prog_bar=split == "val")
+                      prog_bar=split == "val", sync_dist=True)  # equal on every process: the mean is the value
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and (self.trainer.max_steps == 0 or self.trainer.max_steps < -1):
             raise UserError(f"--trainer.max_steps must be a positive integer (or -1 for no limit), "
                             f"got {self.trainer.max_steps}.")
+        precision = str(self.trainer.precision)
+        if stage == "fit" and precision.endswith("-true") and precision != "32-true" and precision != "64-true":
+            mixed = precision.replace("-true", "-mixed")
+            raise UserError(f"--trainer.precision {precision} would keep the weights and Adam's moments in "
+                            f"{precision.split('-')[0]} bits, where a small model's updates round away; train with "
+                            f"--trainer.precision {mixed} (float32 weights, half-precision matrix products).")
         if self.ensemble_paths:
             if stage == "fit":
                 raise UserError("--model.ensemble averages finished runs in validate, test and predict; "

@@ -88,3 +88,16 @@ class RecordRun(L.Callback):
 def maps(path: Path) -> bool:
     """Whether this process has ``path`` memory-mapped."""
     return str(path) in Path("/proc/self/maps").read_text()
+
+
+class FailOnRank(L.Callback):
+    """Stops one process with a user error at the start of a training step, as a file only it cannot read would."""
+
+    def __init__(self, rank: int = 1, step: int = 2):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step + 1 == self.step:
+            from microgpt.errors import UserError
+
+            raise UserError(f"process {self.rank} cannot go on (a test's failure)")

@@ -204,3 +204,20 @@ def test_predict_on_two_processes_writes_every_name_once_in_one_file(runs, predi
             generator = torch.Generator().manual_seed(chunk_seed(42, rank, i))
             expected += model.sample(n, temperature=0.5, generator=generator)
     assert names == expected
+
+
+def test_a_failure_in_one_process_is_one_line_and_nothing_hangs(runs, tmp_path):
+    """Process 1 stops with a user error at step 2; process 0, waiting on it, says in one line that it lost
+    the connection and points at process 1's line, instead of a traceback."""
+    fail = json.dumps({"class_path": "ddp_probe.FailOnRank", "init_args": {"rank": 1, "step": 2}})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           "MICROGPT_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "microgpt", "fit", *common_args(runs["names"], tmp_path), "--trainer.devices", "2",
+         "--trainer.strategy", "ddp", f"--trainer.callbacks+={fail}"],
+        check=False, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("microgpt: error:")]
+    assert errors[0] == "microgpt: error: process 1 cannot go on (a test's failure)"
+    assert all("lost its connection" in line and "process 0" in line for line in errors[1:]), errors
