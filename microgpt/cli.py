@@ -56,6 +56,7 @@ class MicroGPTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.block_size", "data.block_size", apply_on="parse")
+        parser.link_arguments("model.compile", "data.static_shapes", apply_on="parse")
         parser.link_arguments("data.vocab", "model.vocab", compute_fn=self.model_vocab, apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:

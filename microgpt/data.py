@@ -171,9 +171,12 @@ def cut_rows(encoded: Encoded, idx: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: v[idx] for k, v in encoded.items()} if isinstance(encoded, dict) else encoded.rows(idx)
 
 
-def take(encoded: Encoded, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (inputs, targets) batch of the names at ``idx``, trimmed to the batch's longest name."""
+def take(encoded: Encoded, idx: torch.Tensor, trim: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (inputs, targets) batch of the names at ``idx``, trimmed to the batch's longest name (or, without
+    ``trim``, ``block_size`` wide)."""
     batch = cut_rows(encoded, idx)
+    if not trim:
+        return batch["inputs"], batch["targets"]
     T = int(batch["lengths"].max())
     return batch["inputs"][:, :T], batch["targets"][:, :T]
 
@@ -214,6 +217,24 @@ def pack(encoded: Encoded, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return inputs.view(num_rows, width), targets.view(num_rows, width), positions.view(num_rows, width)
 
 
+def packed_rows(encoded: Encoded, idx: torch.Tensor) -> int:
+    """How many rows ``pack`` lays the names at ``idx`` in."""
+    lengths = target_counts(encoded, idx).tolist()
+    return max(row for row, _ in first_fit(lengths, int(cut_rows(encoded, idx[:1])["inputs"].size(1)))) + 1
+
+
+def pad_to_rows(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], multiple: int):
+    """A packed batch with empty rows (token 0 at position 0, no target) added up to a multiple of ``multiple`` rows."""
+    missing = -batch[0].size(0) % multiple
+    if not missing:
+        return batch
+    inputs, targets, positions = batch
+    width = inputs.size(1)
+    return (torch.cat([inputs, inputs.new_zeros(missing, width)]),
+            torch.cat([targets, targets.new_full((missing, width), IGNORE_INDEX)]),
+            torch.cat([positions, positions.new_zeros(missing, width)]))
+
+
 class TrainBatches(IterableDataset):
     """An endless stream of names in a fixed order, cut into numbered global batches.
 
@@ -223,13 +244,16 @@ class TrainBatches(IterableDataset):
     slices of every global batch. Epoch ``e`` is global batches ``e*P .. e*P+P-1`` (``P = len(self)``),
     and an optimizer step takes ``accumulate`` of them, or the epoch's last few, as Lightning steps.
     Each iteration yields the global batches ``window()`` returns, as ``Batch``es of padded rows
-    (``take``) or, with ``packed``, of packed rows (``pack``).
+    (``take``) or, with ``packed``, of packed rows (``pack``). With ``static``, every batch has one shape,
+    so that a compiled step compiles once: padded rows are ``block_size`` wide, and packed batches get empty
+    rows up to a multiple of ``rows``.
     """
 
     def __init__(self, encoded: Encoded, batch_size: int, window: Callable[[], range],
                  shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1, packed: bool = False,
-                 accumulate: int = 1):
+                 accumulate: int = 1, static: bool = False, rows: int = 1):
         self.encoded = encoded
+        self.static, self.rows = static, rows
         self.packed = packed
         self.num_names = count(encoded)
         self.batch_size = batch_size
@@ -285,13 +309,25 @@ class TrainBatches(IterableDataset):
         return total
 
     def __iter__(self) -> Iterator[Batch]:
-        per_rank = self.batch_size // self.world_size
         for k in self.window():
             names = self.global_names(k)
             tokens = int(target_counts(self.encoded, names).sum())
-            mine = names[self.rank * per_rank : (self.rank + 1) * per_rank]
-            rows = pack(self.encoded, mine) if self.packed else (*take(self.encoded, mine), None)
+            mine = self.own_slice(names)
+            if self.packed:
+                rows = pack(self.encoded, mine)
+                rows = pad_to_rows(rows, self.rows) if self.static else rows
+            else:
+                rows = (*take(self.encoded, mine, trim=not self.static), None)
             yield Batch(*rows, tokens=tokens, step_tokens=self.step_tokens(k, tokens))
+
+    def own_slice(self, names: torch.Tensor) -> torch.Tensor:
+        """This process's slice of a global batch's names."""
+        per_rank = self.batch_size // self.world_size
+        return names[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def most_packed_rows(self, batches: range) -> int:
+        """The most rows that this process's slice of any of global ``batches`` is packed in."""
+        return max(packed_rows(self.encoded, self.own_slice(self.global_names(k))) for k in batches)
 
 
 class EvalBatches(IterableDataset):
@@ -356,6 +392,8 @@ class NamesDataModule(L.LightningDataModule):
         predict_top_k: Predict draws only among the k most likely characters; all when unset.
         seed: Seed of the one-time shuffle that fixes the split and the training order.
         eval_batch_size: Names per batch when scoring held-out names.
+        static_shapes: Give every training batch one shape, so that a compiled training step compiles once:
+            padded rows block_size wide, packed batches padded to a fixed number of rows; linked from --model.compile.
         cache_dir: Folder for the token stores that names files are encoded into once; unset, $MICROGPT_CACHE,
             else $XDG_CACHE_HOME/microgpt, else ~/.cache/microgpt.
     """
@@ -378,6 +416,7 @@ class NamesDataModule(L.LightningDataModule):
         predict_top_k: int | None = None,
         seed: int = 42,
         eval_batch_size: int = 500,
+        static_shapes: bool = False,
         cache_dir: str | None = None,
     ):
         super().__init__()
@@ -401,6 +440,7 @@ class NamesDataModule(L.LightningDataModule):
         self.predict_size = predict_size
         self.seed = seed
         self.eval_batch_size = eval_batch_size
+        self.static_shapes = static_shapes
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
 
     @cached_property
@@ -559,9 +599,14 @@ class NamesDataModule(L.LightningDataModule):
     # this process already, and a torch DataLoader around them would cost about 30 us a step for nothing.
     def train_dataloader(self) -> TrainBatches:
         accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
-        return TrainBatches(self.train_encoded, self.batch_size, self.epoch_window, shuffle=self.shuffle,
-                            seed=self.seed, rank=self.rank, world_size=self.world_size, packed=self.pack,
-                            accumulate=accumulate)
+        batches = TrainBatches(self.train_encoded, self.batch_size, self.epoch_window, shuffle=self.shuffle,
+                               seed=self.seed, rank=self.rank, world_size=self.world_size, packed=self.pack,
+                               accumulate=accumulate, static=self.static_shapes)
+        if self.static_shapes and self.pack:
+            # the most rows any batch of the first pass needs (of its first 1000 batches): a rare later batch
+            # that needs more is padded to twice as many, and a compiled step compiles once more for it
+            batches.rows = batches.most_packed_rows(range(min(len(batches), 1000)))
+        return batches
 
     def val_dataloader(self) -> EvalBatches:
         return EvalBatches(self.val_encoded, self.eval_batch_size, self.rank, self.world_size)

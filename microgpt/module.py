@@ -51,8 +51,9 @@ class MicroGPT(L.LightningModule):
         weight_decay: AdamW weight decay, applied to the weight matrices of the linear layers only.
         warmup_steps: Optimizer steps of linear warmup before the cosine decay.
         min_lr: The learning rate the cosine decay ends at.
-        compile: Compile the GPT with ``torch.compile`` (the first steps pay for compiling; weights and
-            checkpoints are unchanged).
+        compile: Compile the training step's forward pass with ``torch.compile``, for batches of one shape
+            (--data.static_shapes, linked); evaluation and generation run eager. The first step pays for
+            compiling; weights and checkpoints are unchanged.
         ensemble: Checkpoints of other runs (same vocabulary and context length) whose predicted
             probabilities validate, test and predict average with this model's; fit refuses it.
         init_from: A checkpoint whose weights this new run starts from (fine-tuning); its sizes must
@@ -100,8 +101,8 @@ class MicroGPT(L.LightningModule):
         self.gpt = GPT(self.tokenizer.vocab_size, n_embd, n_head, n_layer, block_size, dropout)
         if init_from is not None:
             copy_weights(start, start_tokenizer, self.gpt, self.tokenizer)
-        if compile:
-            self.gpt.compile()  # in place: the parameter names in checkpoints stay the same
+        # a compiled function, not a module: the weights, their names and the checkpoints stay the GPT's own
+        self.train_forward = torch.compile(self.gpt.forward, dynamic=False) if compile else self.gpt.forward
         self.ensemble_members: list[GPT] = []  # loaded in setup; a plain list keeps them out of the state_dict
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
@@ -151,7 +152,7 @@ class MicroGPT(L.LightningModule):
         N): the summed gradients are those of one step on the whole batch, with no collective and no scaling
         afterwards, so gradient clipping sees them as they are.
         """
-        logits, targets = self.logits(batch)
+        logits, targets = self.train_forward(batch.inputs, positions=batch.positions), batch.targets
         logits, targets = logits.flatten(0, 1), targets.flatten()
         world_size, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
         if world_size == 1 and accumulate == 1:

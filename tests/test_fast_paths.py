@@ -7,8 +7,10 @@ import sys
 import lightning as L
 import pytest
 import torch
+from conftest import ROOT
 from torch import nn
 
+from microgpt.cli import main
 from microgpt.data import NamesDataModule
 from microgpt.model import GPT, CausalSelfAttention
 from microgpt.module import MicroGPT
@@ -37,10 +39,47 @@ def test_attention_equals_explicit_masked_softmax_in_float64(n_embd, n_head, T):
     torch.testing.assert_close(attn(x), expected, rtol=0, atol=1e-12)
 
 
-def test_compile_flag_compiles_the_gpt_and_keeps_checkpoint_names():
-    plain, compiled = MicroGPT("abc"), MicroGPT("abc", compile=True)
-    assert compiled.gpt._compiled_call_impl is not None and plain.gpt._compiled_call_impl is None
-    assert list(compiled.state_dict()) == list(plain.state_dict())
+class StepLosses(L.Callback):
+    """Each step's training loss, and how many graphs had been compiled when the first step ended."""
+
+    def __init__(self, compiled: list):
+        self.compiled, self.losses, self.after_first_step = compiled, [], None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(pl_module.last_train_loss))
+        if self.after_first_step is None:
+            self.after_first_step = len(self.compiled)
+
+
+@pytest.mark.parametrize("pack", ["false", "true"])
+def test_the_compiled_step_compiles_once_and_changes_no_loss(names_file, tmp_path, monkeypatch, pack):
+    """A counting backend stands in for inductor (whose compile takes tens of seconds here): every graph dynamo
+    hands it is one compile. Over 12 steps with 3 validations and samples, all of them happen in the first
+    step, and the losses are the eager run's (static shapes only add padding that no loss sees)."""
+    compiled = []
+
+    def counting_backend(graph, example_inputs):
+        compiled.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return graph.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counting_backend}))
+    torch._dynamo.reset()
+    runs = {}
+    for flag in ("false", "true"):
+        cli = main(["--config", str(ROOT / "configs" / "names-batched.yaml"), "--data.path", str(names_file),
+                    "--model.n_embd", "16", "--model.n_layer", "1", "--data.pack", pack, "--trainer.max_steps", "12",
+                    "--trainer.val_check_interval", "4", "--data.val_size", "50", "--model.compile", flag,
+                    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                    "--trainer.default_root_dir", str(tmp_path / flag)], run=False)
+        record = StepLosses(compiled)
+        cli.trainer.callbacks.append(record)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        runs[flag] = record
+    assert runs["false"].after_first_step == 0 and runs["true"].after_first_step >= 1
+    assert len(compiled) == runs["true"].after_first_step, compiled  # no recompile after the first step
+    assert runs["true"].losses == pytest.approx(runs["false"].losses, abs=1e-5)
+    assert MicroGPT("abc", compile=True).state_dict().keys() == MicroGPT("abc").state_dict().keys()
 
 
 @pytest.mark.skipif(not os.environ.get("MICROGPT_SLOW_TESTS"),
