@@ -73,11 +73,13 @@ def optimizer_and_schedule(gpt: torch.nn.Module, lr: float, total: int):
 class PlainSteps:
     """The plain loop, resumable: ``run(k)`` trains ``k`` more steps and returns the last loss."""
 
-    def __init__(self, encoded, vocab_size, batch_size, n_embd, n_head, n_layer, block_size, steps, lr=1e-2):
-        self.inputs, self.targets, self.lengths = encoded["inputs"], encoded["targets"], encoded["lengths"]
+    def __init__(self, encoded, vocab_size, batch_size, n_embd, n_head, n_layer, block_size, steps, lr=1e-2,
+                 device="cpu"):
+        self.inputs, self.targets = encoded["inputs"].to(device), encoded["targets"].to(device)
+        self.lengths = encoded["lengths"]
         self.batch_size, self.step = batch_size, 0
         torch.manual_seed(42)
-        self.gpt = GPT(vocab_size, n_embd, n_head, n_layer, block_size)
+        self.gpt = GPT(vocab_size, n_embd, n_head, n_layer, block_size).to(device)
         self.opt, self.schedule = optimizer_and_schedule(self.gpt, lr, steps)
 
     def run(self, k: int) -> torch.Tensor:
@@ -85,7 +87,8 @@ class PlainSteps:
         for _ in range(k):
             idx = torch.arange(self.step * self.batch_size, (self.step + 1) * self.batch_size) % n
             T = int(self.lengths[idx].max())
-            x, y = self.inputs[idx, :T], self.targets[idx, :T]
+            rows = idx.to(self.inputs.device)
+            x, y = self.inputs[rows, :T], self.targets[rows, :T]
             loss = F.cross_entropy(self.gpt(x).flatten(0, 1), y.flatten(), ignore_index=-100)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
