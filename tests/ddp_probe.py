@@ -101,3 +101,12 @@ class FailOnRank(L.Callback):
             from microgpt.errors import UserError
 
             raise UserError(f"process {self.rank} cannot go on (a test's failure)")
+
+
+class DrawPerRank(L.Callback):
+    """Makes the processes' random states differ, as rank-dependent sampling or augmentation would: process r
+    draws 100 (r + 1) numbers before a fresh run's first step (a resumed run gets its states from the checkpoint)."""
+
+    def on_fit_start(self, trainer, pl_module):
+        if trainer.ckpt_path is None:
+            torch.rand(100 * (trainer.global_rank + 1))

@@ -221,3 +221,31 @@ def test_a_failure_in_one_process_is_one_line_and_nothing_hangs(runs, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("microgpt: error:")]
     assert errors[0] == "microgpt: error: process 1 cannot go on (a test's failure)"
     assert all("lost its connection" in line and "process 0" in line for line in errors[1:]), errors
+
+
+def test_a_resumed_two_process_run_with_dropout_is_exact(runs, tmp_path):
+    """Each process saves and gets back its own random state: with dropout, 2 steps + resume + 2 steps on two
+    processes end on the same weights as 4 steps straight, though the processes' random states differ."""
+    keep = json.dumps({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                       "init_args": {"every_n_train_steps": 2, "save_top_k": -1, "filename": "{step}"}})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           "MICROGPT_CACHE": str(tmp_path / "cache")}
+
+    def fit(root: str, *extra: str) -> None:
+        args = [a if a != str(STEPS) else "4" for a in common_args(runs["names"], tmp_path / root)]
+        result = subprocess.run(
+            [sys.executable, "-m", "microgpt", "fit", *args, "--model.dropout", "0.3", "--trainer.devices", "2",
+             "--trainer.strategy", "ddp", "--trainer.logger", "false", f"--trainer.callbacks+={keep}",
+             '--trainer.callbacks+={"class_path": "ddp_probe.DrawPerRank"}', *extra],
+            check=False, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    fit("straight")
+    fit("resumed", "--ckpt_path", str(tmp_path / "straight" / "checkpoints" / "step=2.ckpt"))
+    straight, resumed = (torch.load(tmp_path / root / "checkpoints" / "last.ckpt", weights_only=True)
+                         for root in ("straight", "resumed"))
+    assert resumed["global_step"] == straight["global_step"] == 4
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    per_rank = straight["rng"]["torch_per_rank"]
+    assert len(per_rank) == 2 and not torch.equal(per_rank[0], per_rank[1])  # one state for both would not do
