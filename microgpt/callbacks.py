@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Checkpoint, TQDMPr
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from microgpt.checkpoint import atomic_torch_save, load_checkpoint
+from microgpt.checkpoint import atomic_torch_save, atomic_write, load_checkpoint
 from microgpt.data import IGNORE_INDEX
 from microgpt.errors import UserError
 
@@ -401,7 +401,6 @@ class WriteNames(BasePredictionWriter):
             path = Path(trainer.log_dir or ".") / path
         if trainer.world_size > 1:  # every process writes the names it made
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+        atomic_write(path, lambda f: f.write("".join(f"{name}\n" for name in names).encode("utf-8")))  # whole or absent
         print(f"wrote {len(names)} names to {path}")
         report_novelty(trainer, names, "predictions")
