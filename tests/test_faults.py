@@ -10,6 +10,7 @@ not mount one, an injected ENOSPC stands in. The tests below read what these run
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -100,7 +101,12 @@ def runs(tmp_path_factory, disk):
     procs["killed"].send_signal(signal.SIGKILL)
     results = {key: finish(proc) for key, proc in procs.items()}
     assert results["killed"].returncode == -signal.SIGKILL
-    return {"tmp": tmp, "names": names, "shared": shared, "killed": killed, "full": disk, "results": results}
+    if disk is not None:
+        (disk / "filler").unlink()  # room again, for what the tests do next
+    folders = {yaml.safe_load((folder / "config.yaml").read_text())["seed_everything"]: folder
+               for folder in sorted((shared / "lightning_logs").iterdir()) if (folder / "config.yaml").exists()}
+    return {"tmp": tmp, "names": names, "shared": shared, "killed": killed, "full": disk, "results": results,
+            "folders": folders}
 
 
 def test_runs_started_together_in_one_folder_each_get_their_own(runs):
@@ -135,8 +141,6 @@ def test_runs_started_together_in_one_folder_each_get_their_own(runs):
         finals.append(final)
     assert sorted(seeds) == [1, 2, 3, 4, 5]
     assert len(set(finals)) == 5
-    runs["curves"] = {seed: scalars(folder, "train/loss") for seed, folder in zip(seeds, folders)}
-    runs["folders"] = dict(zip(seeds, folders))
 
 
 def test_a_save_killed_half_way_keeps_the_last_checkpoint_and_resumes_exactly(runs):
@@ -161,7 +165,7 @@ def test_a_save_killed_half_way_keeps_the_last_checkpoint_and_resumes_exactly(ru
         assert torch.equal(value, actual["state_dict"][key]), key
     after = scalars(runs["killed"] / "lightning_logs" / "version_1", "train/loss")
     assert sorted(after) == list(range(EVERY, STEPS))
-    uninterrupted = runs["curves"][2]
+    uninterrupted = scalars(runs["folders"][2], "train/loss")
     assert all(after[s] == uninterrupted[s] for s in after)
 
 
@@ -177,7 +181,6 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_last_good_checkpoint_stil
     assert last_line(result) == (f"microgpt: error: cannot write the checkpoint {last}: {NO_SPACE}; "
                                  f"the last good checkpoint is still {last} (step {EVERY}).")
     assert os.listdir(last.parent) == ["last.ckpt"]
-    (runs["full"] / "filler").unlink()
     assert load_checkpoint(last)["global_step"] == EVERY
 
     from microgpt.sample import main as sample
@@ -244,20 +247,23 @@ def test_a_full_disk_under_the_token_store_is_one_line_and_leaves_nothing(runs, 
 
 def test_a_full_disk_under_the_predictions_is_one_line_and_leaves_nothing(runs, disk, capsys):
     """The disk fills as ``predict`` starts: ``predictions.txt`` is not written, in one line, and nothing
-    half-written is left in the run's folder; ``sample --output`` the same."""
+    half-written is left beside it; ``sample --output`` the same. A disk full from the start fails in
+    Lightning's or TensorBoard's writers (the config, the curves), in one line too."""
     if disk is None:
         pytest.skip("cannot mount a tmpfs here")
+    from fault_probe import fill as fill_disk
+
     ckpt = runs["folders"][1] / "checkpoints" / "last.ckpt"
     fill = {"class_path": "fault_probe.FillDisk", "init_args": {"folder": str(disk)}}
     root = disk / "predict"
+    predict = ["predict", "--config", CONFIG, "--data.path", str(runs["names"]), "--data.val_size", "4",
+               "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
+               "false"]
     try:
-        line = error_line(["predict", "--config", CONFIG, "--data.path", str(runs["names"]), "--data.val_size", "4",
-                           "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(root),
-                           "--trainer.enable_progress_bar", "false", f"--trainer.callbacks+={json.dumps(fill)}"],
-                          capsys)
-        [folder] = (root / "lightning_logs").iterdir()
-        assert line == f"microgpt: error: cannot write {folder / 'predictions.txt'}: {NO_SPACE}"
-        assert not [p for p in folder.iterdir() if "predictions" in p.name]
+        # without a logger, nothing else writes once predict has started (TensorBoard's thread might)
+        line = error_line([*predict, "--trainer.logger", "false", f"--trainer.callbacks+={json.dumps(fill)}"], capsys)
+        assert line == f"microgpt: error: cannot write {root / 'predictions.txt'}: {NO_SPACE}"
+        assert not [p for p in root.iterdir() if "predictions" in p.name]
 
         from microgpt.sample import main as sample
 
@@ -267,6 +273,12 @@ def test_a_full_disk_under_the_predictions_is_one_line_and_leaves_nothing(runs, 
         assert capsys.readouterr().err.strip() == (f"microgpt sample: error: cannot write {disk / 'names.txt'}: "
                                                    f"{NO_SPACE}; nothing was written.")
         assert not [p for p in disk.iterdir() if "names.txt" in p.name]
+
+        shutil.rmtree(root)
+        (disk / "filler").unlink()
+        fill_disk(disk)
+        line = error_line(predict, capsys)  # the file is named when the writer's error names it
+        assert re.fullmatch(rf"microgpt: error: cannot write (\S+|to the disk): {re.escape(NO_SPACE)}\.", line)
     finally:
         (disk / "filler").unlink(missing_ok=True)
 
