@@ -141,6 +141,20 @@ def test_runs_started_together_in_one_folder_each_get_their_own(runs):
         finals.append(final)
     assert sorted(seeds) == [1, 2, 3, 4, 5]
     assert len(set(finals)) == 5
+    expected = {seed: first_loss(runs["names"], runs["tmp"] / f"alone-{seed}", seed) for seed in (1, 2, 3, 4)}
+    assert len(set(expected.values())) == 4
+    for seed, loss in expected.items():  # each curve starts at its own seed's first loss, computed here on its own
+        assert scalars(runs["folders"][seed], "train/loss")[0] == pytest.approx(loss, abs=1e-6)
+
+
+def first_loss(names: Path, root: Path, seed: int) -> float:
+    """The loss of the first training batch under the weights the recipe starts from with ``seed``, from a
+    model and data module built here, in this process, as ``fit`` builds them."""
+    cli = main(["--config", CONFIG, "--data.path", str(names), "--data.val_size", "4", "--seed_everything", str(seed),
+                "--trainer.logger", "false", "--trainer.default_root_dir", str(root)], run=False)
+    cli.datamodule.setup("fit")
+    with torch.no_grad():
+        return float(cli.model.token_nll(next(iter(cli.datamodule.train_dataloader()))).mean())
 
 
 def test_a_save_killed_half_way_keeps_the_last_checkpoint_and_resumes_exactly(runs):
