@@ -423,3 +423,15 @@ def test_runs_built_together_claim_their_folders_before_writing_anything(tmp_pat
     assert (first.trainer.logger.version, second.trainer.logger.version) == (0, 1)
     assert type(first.trainer.logger).__name__ == ("CSVLogger" if logger else "TensorBoardLogger")
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+
+
+def test_a_run_that_writes_nothing_leaves_no_folder(tmp_path):
+    """A process that claimed a folder and ended before writing there (here: built, never run) removes it."""
+    (tmp_path / "names.txt").write_text("\n".join(NAMES) + "\n")
+    args = ["--config", CONFIG, "--data.path", str(tmp_path / "names.txt"), "--data.val_size", "4",
+            "--trainer.default_root_dir", str(tmp_path)]
+    code = f"from microgpt.cli import main; print(main({args!r}, run=False).trainer.log_dir)"
+    built = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=False)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert built.stdout.strip().splitlines()[-1] == str(tmp_path / "lightning_logs" / "version_0")
+    assert list((tmp_path / "lightning_logs").iterdir()) == []
