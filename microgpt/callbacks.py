@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Checkpoint, TQDMPr
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from microgpt.checkpoint import atomic_torch_save, load_checkpoint
+from microgpt.checkpoint import atomic_torch_save, atomic_write, load_checkpoint
 from microgpt.errors import UserError
 
 
@@ -468,7 +468,6 @@ class WriteNames(BasePredictionWriter):
         path = Path(self.output)
         if not path.is_absolute():
             path = Path(log_dir or ".") / path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+        atomic_write(path, lambda f: f.write("".join(f"{name}\n" for name in names).encode("utf-8")))  # whole or absent
         print(f"wrote {len(names)} names to {path}")
         report_novelty(trainer, names, "predictions")

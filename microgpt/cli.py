@@ -9,10 +9,12 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -21,11 +23,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from microgpt.callbacks import ProgressBar, Stopped, WriteNames
-from microgpt.checkpoint import find_checkpoint, load_checkpoint
+from microgpt.checkpoint import disk_full, find_checkpoint, load_checkpoint
 from microgpt.data import NamesDataModule
 from microgpt.errors import UserError
 from microgpt.hooks import QuietProfiler, skip_idle_hooks
 from microgpt.module import MicroGPT
+from microgpt.runs import run_version, with_claimed_version
 
 DESCRIPTIONS = {
     "fit": "microgpt fit: train a GPT on a file of names (start from a recipe: --config configs/names.yaml).",
@@ -44,6 +47,16 @@ class WithoutLitLoggerTip(logging.Filter):
 
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(WithoutLitLoggerTip())
+
+
+def quiet_full_disk(args: threading.ExceptHookArgs) -> None:
+    """Leave a full disk in a writer's thread (TensorBoard's) unprinted: the writer raises it again in the
+    main thread, which reports it in one line; any other error in a thread prints as usual."""
+    if disk_full(args.exc_value) is None:
+        threading.__excepthook__(args)
+
+
+threading.excepthook = quiet_full_disk
 # Lightning's own warnings about its internals and jsonargparse's, not about anything a user of microgpt can change.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 warnings.filterwarnings("ignore", message=r".*skip_none parameter was deprecated")
@@ -108,8 +121,11 @@ class MicroGPTCLI(LightningCLI):
         one line for a log folder that cannot be written."""
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or os.getcwd()
-        if config.get("logger") in (None, True):  # Lightning reads None as its default logger
-            kwargs.setdefault("logger", TensorBoardLogger(root, default_hp_metric=False))
+        if config.get("logger") in (None, True):  # Lightning reads None as its default logger; one folder per run
+            version = run_version(Path(root) / "lightning_logs")
+            kwargs.setdefault("logger", TensorBoardLogger(root, default_hp_metric=False, version=version))
+        elif isinstance(spec := self._get(self.config, "trainer", default={}).get("logger"), Namespace):
+            kwargs.setdefault("logger", with_claimed_version(config["logger"], spec.init_args.as_dict()))
         callbacks = list(config.get("callbacks") or [])
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
             callbacks.append(WriteNames())
@@ -232,11 +248,14 @@ def lost_connection(err: BaseException) -> str | None:
 
 def user_error_behind(err: BaseException) -> Exception | None:
     """``err`` if it is a ``UserError`` or ``MisconfigurationException``, else the first one it was
-    raised from (jsonargparse wraps errors raised while it builds a class), else None."""
-    seen = set()
+    raised from (jsonargparse wraps errors raised while it builds a class), else a full disk's ``OSError``
+    in that chain as a ``UserError``, else None."""
+    chain, seen = [], set()
     while err is not None and id(err) not in seen:
         if isinstance(err, (UserError, MisconfigurationException)):
             return err
+        chain.append(err)
         seen.add(id(err))
         err = err.__cause__ or err.__context__
-    return None
+    # else a full disk under any writer (TensorBoard's, Lightning's) is one line too
+    return next((full for err in chain if (full := disk_full(err)) is not None), None)

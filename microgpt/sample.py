@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from microgpt.checkpoint import find_checkpoint, load_checkpoint
+from microgpt.checkpoint import WriteFailed, atomic_write, find_checkpoint, load_checkpoint
+from microgpt.devices import device_problem
 from microgpt.errors import UserError
 from microgpt.model import GPT, Ensemble
 from microgpt.tokenizer import CharTokenizer
@@ -60,9 +61,10 @@ def score_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, names: list[str])
     return ((nll * real).sum(1) / lengths).tolist()
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[GPT, CharTokenizer]:
-    """The GPT and its vocabulary from a microgpt checkpoint (read with ``weights_only=True``)."""
-    checkpoint = load_checkpoint(path, map_location)
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, CharTokenizer]:
+    """The GPT and its vocabulary from a microgpt checkpoint (read with ``weights_only=True`` onto the CPU,
+    whatever device it was saved from), then moved to ``device``."""
+    checkpoint = load_checkpoint(path, "cpu")
     hparams = checkpoint.get("hyper_parameters")
     if not isinstance(hparams, dict) or "vocab" not in hparams:
         raise UserError(f"{path}: not a microgpt checkpoint (no vocabulary inside).")
@@ -74,16 +76,16 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         gpt.load_state_dict(weights)
     except RuntimeError:
         raise UserError(f"{path}: its weights do not fit the model its settings describe.") from None
-    return gpt.to(map_location), tokenizer
+    return gpt.to(device), tokenizer
 
 
 def load_members(paths: list[str], tokenizer: CharTokenizer, block_size: int,
-                 map_location: str | torch.device = "cpu") -> list[GPT]:
-    """The GPTs of the checkpoints at ``paths``, in eval mode, checked to share ``tokenizer``'s vocabulary
-    and ``block_size``, so that their predictions can be averaged with a model that has them."""
+                 device: str | torch.device = "cpu") -> list[GPT]:
+    """The GPTs of the checkpoints at ``paths`` on ``device``, in eval mode, checked to share ``tokenizer``'s
+    vocabulary and ``block_size``, so that their predictions can be averaged with a model that has them."""
     members = []
     for path in paths:
-        gpt, other = load_model(path, map_location)
+        gpt, other = load_model(path, device)
         if other.chars != tokenizer.chars:
             raise UserError(f"{path}: its vocabulary {other.chars!r} differs from the first model's "
                             f"{tokenizer.chars!r}, so their predictions cannot be averaged.")
@@ -101,6 +103,21 @@ def resolve(path: str, root: str) -> str:
     if found is None:
         raise UserError(f"--ckpt_path {path}: no {path}.ckpt under {Path(root).resolve()}; pass a file or --root_dir.")
     return str(found)
+
+
+def write_output(path: Path, text: str) -> None:
+    """``text`` into the file at ``path`` whole or not at all (written beside it, then renamed), or into a
+    stream or device (``/dev/stdout``, a pipe) as it is; a failed write is one line."""
+    try:
+        if path.exists() and not path.is_file():
+            with path.open("w", encoding="utf-8") as f:
+                f.write(text)
+            return
+        atomic_write(path.resolve() if path.is_symlink() else path, lambda f: f.write(text.encode("utf-8")))
+    except WriteFailed as err:
+        raise UserError(f"{err}; nothing was written.") from None
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}.") from None
 
 
 def positive_float(text: str) -> float:
@@ -130,9 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefix", default="", help="every name starts with these characters")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible names")
     parser.add_argument("--output", default=None, help="write the names to this file instead of printing them")
-    parser.add_argument("--device", default="cpu", help="torch device to sample on (default cpu)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device to sample on, e.g. cuda or cuda:1: the checkpoint is read on the CPU, "
+                             "then the model is moved there (default cpu)")
     args = parser.parse_args(argv)
     try:
+        if problem := device_problem(args.device):
+            raise UserError(f"--device {args.device}: {problem}.")
         paths = [resolve(path, args.root_dir) for path in args.ckpt_path]
         gpt, tokenizer = load_model(paths[0], args.device)
         if len(paths) > 1:
@@ -141,10 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         names = sample_names(gpt, tokenizer, args.num_samples, args.temperature, args.top_k, args.prefix, generator)
         text = "".join(f"{name}\n" for name in names)
         if args.output:
-            try:
-                Path(args.output).write_text(text, encoding="utf-8")
-            except OSError as err:
-                raise UserError(f"{args.output}: cannot write ({err.strerror}).") from None
+            write_output(Path(args.output), text)
         else:
             sys.stdout.write(text)
     except UserError as err:

@@ -29,7 +29,7 @@ from typing import BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
-from microgpt.checkpoint import atomic_write
+from microgpt.checkpoint import WriteFailed, atomic_write, os_reason
 from microgpt.errors import UserError
 
 FORMAT = 1  # bump when the layout changes: the file name and the header both carry it
@@ -61,9 +61,12 @@ def content_hash(path: Path) -> str:
     """The SHA-256 of the file's bytes, in hex."""
     check_file(path)
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            digest.update(block)
+    try:
+        with path.open("rb") as f:
+            while block := f.read(CHUNK_BYTES):
+                digest.update(block)
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror or err}).") from None
     return digest.hexdigest()
 
 
@@ -76,9 +79,16 @@ def read_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[li
     """
     check_file(path)
     rest, newlines, first = b"", 0, True
-    with path.open("rb") as f:
+    try:
+        f = path.open("rb")
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror or err}).") from None
+    with f:
         while True:
-            block = f.read(chunk_bytes)
+            try:
+                block = f.read(chunk_bytes)
+            except OSError as err:
+                raise UserError(f"{path}: cannot be read ({err.strerror or err}).") from None
             data = rest + block
             cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1 if block else len(data)
             if block and cut == 0:  # no line break yet: read on
@@ -249,8 +259,10 @@ def ensure_store(source: Path, path: Path, chars: str | None = None, flag: str =
         print(f"microgpt: building the token store of {source} in {path.parent}", file=sys.stderr, flush=True)
     try:
         atomic_write(path, lambda f: write_store(f, source, chars or scan(source)[0], path.parent))
-    except OSError as err:
-        raise UserError(f"cannot write the token store to {path.parent} ({err.strerror or err}); point {flag} "
+    except (WriteFailed, OSError) as err:  # the store, or its scratch files beside it (reading the source is
+        # a UserError of its own): nothing half-written is left, the scratch files have no name
+        reason = os_reason(err.error if isinstance(err, WriteFailed) else err)
+        raise UserError(f"cannot write the token store {path}: {reason}; point {flag} "
                         f"or the {CACHE_ENV} environment variable at a writable directory.") from None
     return TokenStore(path)
 
@@ -306,7 +318,7 @@ def seeded_order(count: int, seed: int, cache_dir: Path, flag: str = "--data.cac
     order = np.frombuffer(indices, dtype=np.int32 if indices.itemsize == 4 else np.int64)
     try:
         atomic_write(path, lambda f: np.save(f, order))
-    except OSError as err:
-        raise UserError(f"cannot write the token store to {cache_dir} ({err.strerror or err}); point {flag} "
+    except WriteFailed as err:
+        raise UserError(f"cannot write the names' order {path}: {os_reason(err.error)}; point {flag} "
                         f"or the {CACHE_ENV} environment variable at a writable directory.") from None
     return order

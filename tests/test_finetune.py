@@ -206,7 +206,7 @@ def not_microgpt(pretrained: Path, dest: Path) -> None:
 @pytest.mark.parametrize("make, problem", [
     (None, "no such checkpoint file."),
     (lambda ckpt, dest: dest.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2]),
-     "is not a checkpoint, or is truncated."),
+     "is truncated (the end of the file is missing)."),
     (not_microgpt, "not a microgpt checkpoint (no vocabulary inside)."),
 ])
 def test_a_bad_start_checkpoint_is_one_line_and_writes_nothing(pretrained, tmp_path, capsys, make, problem):

@@ -266,8 +266,8 @@ def write_other_version(ckpt: Path, dest: Path) -> None:
 
 
 @pytest.mark.parametrize("make, problem", [
-    (write_truncated, "is not a checkpoint, or is truncated."),
-    (lambda ckpt, dest: dest.write_text("anna\nbob\n"), "is not a checkpoint, or is truncated."),
+    (write_truncated, "is truncated (the end of the file is missing)."),
+    (lambda ckpt, dest: dest.write_text("anna\nbob\n"), "is not a checkpoint (not a file torch.save writes)."),
     (lambda ckpt, dest: torch.save({"weights": torch.zeros(3)}, dest), "is a torch file but not a training checkpoint."),
     (write_other_version, ("was written by an incompatible version of microgpt "
                            "(checkpoint format 0, this version reads format 1).")),

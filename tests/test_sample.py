@@ -126,7 +126,7 @@ def test_sample_command_prints_reproducible_prefixed_names(checkpoint, tmp_path)
     (["--prefix", "mZ"], "has characters the model has never seen: 'Z'"),
     (["--temperature", "0"], "argument --temperature: must be positive, got 0"),
     (["--ckpt_path", "missing.ckpt"], "missing.ckpt: no such checkpoint file."),
-    (["--ckpt_path", "NOT_A_CKPT"], "is not a checkpoint, or is truncated"),
+    (["--ckpt_path", "NOT_A_CKPT"], "is not a checkpoint (not a file torch.save writes)."),
 ])
 def test_sample_command_errors_are_one_line(checkpoint, tmp_path, args, message):
     _, _, ckpt = checkpoint

@@ -221,7 +221,7 @@ def test_an_unwritable_cache_is_one_line_naming_the_flag_and_variable(tiny_names
               "--trainer.default_root_dir", str(tmp_path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"microgpt: error: cannot write the token store to {blocker / 'cache'} (")
+    assert err.startswith(f"microgpt: error: cannot write the token store {blocker / 'cache'}/")
     assert err.endswith("point --data.cache_dir or the MICROGPT_CACHE environment variable at a writable directory.")
 
 
