@@ -44,12 +44,14 @@ def test_seed_recipe_matches_plain_loop_float32(names_file, tmp_path, capsys):
 
 
 def test_seed_recipe_matches_spelled_out_formulas_float64(names_file, tmp_path):
-    """In float64 the rounding of fused kernels vanishes: the formulas themselves must agree."""
-    ref_losses, ref_val, _ = train_seed(names_file, num_samples=0, dtype=torch.float64, spelled_out=True)
-    cli, losses = fit_seed_recipe(names_file, tmp_path, "--trainer.precision", "64-true",
+    """In float64 the rounding of fused kernels vanishes: the formulas themselves must agree (50 steps of the
+    recipe, its schedule over 50: the float32 test above covers the whole trajectory)."""
+    ref_losses, ref_val, _ = train_seed(names_file, steps=50, num_samples=0, dtype=torch.float64, spelled_out=True)
+    cli, losses = fit_seed_recipe(names_file, tmp_path, "--trainer.max_steps", "50", "--trainer.val_check_interval",
+                                  "50", "--trainer.precision", "64-true",
                                   "--trainer.callbacks", "[]", "--trainer.logger", "false",
                                   "--trainer.enable_checkpointing", "false")
-    assert losses == pytest.approx(ref_losses, abs=1e-9)
+    assert len(losses) == 50 and losses == pytest.approx(ref_losses, abs=1e-9)
     metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     # the metric accumulates in float32 (it must also run on devices without float64)
     assert metrics["val/loss"] == pytest.approx(ref_val, abs=1e-6)
