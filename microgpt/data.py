@@ -274,6 +274,8 @@ class NamesDataModule(L.LightningDataModule):
         predict_prefix: Names invented by predict start with these characters.
         predict_temperature: Softmax temperature of predict's draws, positive.
         predict_top_k: Predict draws only among the k most likely characters; all when unset.
+        predict_top_p: Predict draws only among the fewest likeliest characters whose probability reaches
+            this, in (0, 1]; all when unset.
         seed: Seed of the one-time shuffle that fixes the split and the training order.
         eval_batch_size: Names per batch when scoring held-out names.
         cache_dir: Folder for the token stores that names files are encoded into once; unset, $MICROGPT_CACHE,
@@ -296,6 +298,7 @@ class NamesDataModule(L.LightningDataModule):
         predict_prefix: str = "",
         predict_temperature: float = 0.5,
         predict_top_k: int | None = None,
+        predict_top_p: float | None = None,
         seed: int = 42,
         eval_batch_size: int = 500,
         cache_dir: str | None = None,
@@ -317,7 +320,8 @@ class NamesDataModule(L.LightningDataModule):
         self.test_path = test_path
         self.shuffle = shuffle
         self.pack = pack
-        self.predict_request = {"prefix": predict_prefix, "temperature": predict_temperature, "top_k": predict_top_k}
+        self.predict_request = {"prefix": predict_prefix, "temperature": predict_temperature, "top_k": predict_top_k,
+                                "top_p": predict_top_p}
         self.predict_size = predict_size
         self.seed = seed
         self.eval_batch_size = eval_batch_size
