@@ -1,4 +1,5 @@
-"""``microgpt`` / ``python -m microgpt``: LightningCLI's fit/validate/test/predict, plus ``sample`` (torch only).
+"""``microgpt`` / ``python -m microgpt``: LightningCLI's fit/validate/test/predict, plus ``sample`` and ``serve``
+(torch only).
 
 This file imports neither torch nor Lightning, so that the overview below prints at once.
 """
@@ -6,7 +7,7 @@ This file imports neither torch nor Lightning, so that the overview below prints
 import sys
 
 USAGE = """\
-usage: microgpt {fit,validate,test,predict,sample} [options]
+usage: microgpt {fit,validate,test,predict,sample,serve} [options]
 
 microgpt: a small, exact character-level GPT that learns from a file of names (one per line)
 and invents new ones. Trained with PyTorch Lightning; runs on CPU, GPU, several devices.
@@ -17,6 +18,7 @@ commands:
   test      score a trained checkpoint on the test names, or on --data.test_path
   predict   invent names with a checkpoint through Lightning, written to a file
   sample    invent names with a checkpoint, quickly, with torch alone
+  serve     serve a checkpoint over HTTP, with a page to try it (pip install 'microgpt[serve]')
 
 example:
   microgpt fit --config configs/names.yaml
@@ -25,6 +27,7 @@ example:
 more help:
   microgpt fit --help       every trainer, model and data flag (also validate, test, predict)
   microgpt sample --help    the sampling flags
+  microgpt serve --help     the serving flags
 """
 
 
@@ -36,6 +39,15 @@ def main() -> None:
         from microgpt.sample import main as sample_main
 
         sample_main(sys.argv[2:])
+    elif command == ["serve"]:
+        try:
+            from microgpt.serve import main as serve_main
+        except ModuleNotFoundError as err:
+            if err.name != "litserve":
+                raise
+            print("microgpt serve: error: serving needs LitServe: pip install 'microgpt[serve]'", file=sys.stderr)
+            raise SystemExit(2) from None
+        serve_main(sys.argv[2:])
     else:
         from microgpt.cli import main as cli_main
 

@@ -290,28 +290,33 @@ class SampleNames(L.Callback):
         seed: Seed of the names' random draws. Unset, the end-of-training names continue torch's global
             random state, as the seed script does; rounds during training always use their own generator
             (seeded with seed + step), so watching never changes the training.
+        top_p: Draw only among the fewest likeliest characters whose probability reaches this, in (0, 1];
+            all when unset.
     """
 
     def __init__(self, num_samples: int = 20, temperature: float = 0.5, top_k: int | None = None, prefix: str = "",
-                 every_n_steps: int = 0, seed: int | None = None):
+                 every_n_steps: int = 0, seed: int | None = None, top_p: float | None = None):
         if num_samples < 1:
             raise UserError(f"num_samples must be a positive integer, got {num_samples}.")
         if not temperature > 0:
             raise UserError(f"temperature must be positive, got {temperature}.")
         if top_k is not None and top_k < 1:
             raise UserError(f"top_k must be a positive integer, got {top_k}.")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {top_p}.")
         if every_n_steps < 0:
             raise UserError(f"every_n_steps must be zero or more, got {every_n_steps}.")
         self.num_samples = num_samples
         self.temperature = temperature
         self.top_k = top_k
+        self.top_p = top_p
         self.prefix = prefix
         self.every_n_steps = every_n_steps
         self.seed = seed
         self._sampled_at_step = -1
 
     def sample(self, pl_module: L.LightningModule, generator: torch.Generator | None) -> list[str]:
-        return pl_module.sample(self.num_samples, self.temperature, self.top_k, self.prefix, generator)
+        return pl_module.sample(self.num_samples, self.temperature, self.top_k, self.prefix, generator, top_p=self.top_p)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sampled_at_step = trainer.global_step  # a micro-batch that leaves the step count here ends no step

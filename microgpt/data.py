@@ -390,6 +390,8 @@ class NamesDataModule(L.LightningDataModule):
         predict_prefix: Names invented by predict start with these characters.
         predict_temperature: Softmax temperature of predict's draws, positive.
         predict_top_k: Predict draws only among the k most likely characters; all when unset.
+        predict_top_p: Predict draws only among the fewest likeliest characters whose probability reaches
+            this, in (0, 1]; all when unset.
         seed: Seed of the one-time shuffle that fixes the split and the training order.
         eval_batch_size: Names per batch when scoring held-out names.
         static_shapes: Give every training batch one shape, so that a compiled training step compiles once:
@@ -414,6 +416,7 @@ class NamesDataModule(L.LightningDataModule):
         predict_prefix: str = "",
         predict_temperature: float = 0.5,
         predict_top_k: int | None = None,
+        predict_top_p: float | None = None,
         seed: int = 42,
         eval_batch_size: int = 500,
         static_shapes: bool = False,
@@ -436,11 +439,14 @@ class NamesDataModule(L.LightningDataModule):
         self.test_path = test_path
         self.shuffle = shuffle
         self.pack = pack
-        self.predict_request = {"prefix": predict_prefix, "temperature": predict_temperature, "top_k": predict_top_k}
+        self.predict_request = {"prefix": predict_prefix, "temperature": predict_temperature, "top_k": predict_top_k,
+                                "top_p": predict_top_p}
         self.predict_size = predict_size
         self.seed = seed
         self.eval_batch_size = eval_batch_size
         self.static_shapes = static_shapes
+        self.rank, self.world_size = 0, 1  # set by setup
+        self.predict_seed: int | None = None  # torch's seed, read by setup
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
 
     @cached_property
@@ -614,8 +620,9 @@ class NamesDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> PredictRequests:
         """Sampling requests: this process's share of ``predict_size`` names, in chunks of ``eval_batch_size``,
         drawn with seeds that follow from torch's seed (``--seed_everything``), the rank and the chunk."""
-        return PredictRequests(self.predict_size, self.eval_batch_size, self.predict_request, self.predict_seed,
-                               self.rank, self.world_size)
+        seed = torch.initial_seed() if self.predict_seed is None else self.predict_seed
+        return PredictRequests(self.predict_size, self.eval_batch_size, self.predict_request, seed, self.rank,
+                               self.world_size)
 
     def test_dataloader(self) -> EvalBatches:
         return EvalBatches(self.test_encoded, self.eval_batch_size, self.rank, self.world_size)

@@ -195,11 +195,13 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        top_p: float | None = None,
     ) -> list[list[int]]:
         """Continue ``prompt`` (token ids, normally starting with the end/start token) ``num_samples`` times in parallel.
 
         Each step draws one token for every sequence with ``torch.multinomial`` from the softmax of the
-        logits divided by ``temperature``, keeping only the ``top_k`` most likely tokens when given. A
+        logits divided by ``temperature``, keeping only the ``top_k`` most likely tokens when given, then
+        only the smallest set of likeliest tokens whose probability reaches ``top_p`` (nucleus sampling). A
         sequence ends at ``end_token`` or after ``max_new_tokens`` (default ``block_size``) new tokens;
         drawing stops once all have ended. Keys and values are cached, so each step costs one position;
         once a sequence outgrows the context, each step re-reads the last ``block_size`` tokens, as
@@ -209,6 +211,8 @@ class GPT(nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature}.")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k}.")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
         max_new_tokens = self.block_size if max_new_tokens is None else max_new_tokens
         device = next(self.parameters()).device
         idx = torch.tensor([prompt], device=device).expand(num_samples, -1)
@@ -222,6 +226,8 @@ class GPT(nn.Module):
             if top_k is not None and top_k < logits.size(-1):
                 kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
+            if top_p is not None and top_p < 1:
+                logits = keep_top_p(logits, top_p)
             token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             new.append(token)
             ended |= token[:, 0] == end_token
@@ -235,6 +241,17 @@ class GPT(nn.Module):
                 logits = self(context)[:, -1]
         out = torch.cat(new, dim=1).tolist()
         return [seq[: seq.index(end_token)] if end_token in seq else seq for seq in out]
+
+
+def keep_top_p(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """``logits`` (..., V) with -inf outside each row's nucleus: the smallest set of likeliest tokens whose
+    probability reaches ``top_p`` (a number, or one per row shaped (..., 1)). The likeliest token always stays."""
+    ranked, order = logits.sort(dim=-1, descending=True)
+    probs = F.softmax(ranked, dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # the probability of the tokens ranked above each one
+    drop = before >= top_p  # p was already reached without this token
+    drop[..., 0] = False
+    return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
 
 
 class Ensemble(nn.Module):

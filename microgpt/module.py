@@ -120,16 +120,17 @@ class MicroGPT(L.LightningModule):
         return Ensemble([self.gpt, *self.ensemble_members]).train(self.training)
 
     def sample(self, num_samples: int, temperature: float = 0.5, top_k: int | None = None, prefix: str = "",
-               generator: torch.Generator | None = None) -> list[str]:
-        """Invent ``num_samples`` names that start with ``prefix``."""
-        return sample_names(self.predictor, self.tokenizer, num_samples, temperature, top_k, prefix, generator)
+               generator: torch.Generator | None = None, top_p: float | None = None) -> list[str]:
+        """Invent ``num_samples`` names that start with ``prefix`` (``top_p``: nucleus sampling)."""
+        return sample_names(self.predictor, self.tokenizer, num_samples, temperature, top_k, prefix, generator, top_p)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
         """A batch is a sampling request from the data module: how many names, how to draw them, and a seed."""
         if batch["count"] == 0:
             return []
         generator = torch.Generator(self.device).manual_seed(batch["seed"])
-        return self.sample(batch["count"], batch["temperature"], batch["top_k"], batch["prefix"], generator)
+        return self.sample(batch["count"], batch["temperature"], batch["top_k"], batch["prefix"], generator,
+                           top_p=batch["top_p"])
 
     def logits(self, batch: Batch | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, targets) of a batch of padded rows (inputs, targets) or packed rows (inputs, targets, positions)."""

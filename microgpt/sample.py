@@ -1,7 +1,7 @@
 """Inventing names, and the ``sample`` command that does it from a checkpoint alone, with torch only.
 
-``python -m microgpt sample --ckpt_path K [K ...] [--num_samples N] [--temperature T] [--top_k K] [--prefix P]
-[--seed S] [--output FILE]``. The checkpoint alone is enough: the vocabulary and sizes are inside it.
+``python -m microgpt sample --ckpt_path K [K ...] [--num_samples N] [--temperature T] [--top_k K] [--top_p P]
+[--prefix P] [--seed S] [--output FILE]``. The checkpoint alone is enough: the vocabulary and sizes are inside it.
 Several checkpoints sample from the average of their predicted probabilities. Nothing here imports
 Lightning, so the command starts about as fast as torch itself.
 """
@@ -24,10 +24,14 @@ from microgpt.tokenizer import CharTokenizer
 
 
 def sample_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, num_samples: int, temperature: float = 0.5,
-                 top_k: int | None = None, prefix: str = "", generator: torch.Generator | None = None) -> list[str]:
-    """``num_samples`` names starting with ``prefix``, drawn in parallel (``gpt`` in eval mode for the draw)."""
+                 top_k: int | None = None, prefix: str = "", generator: torch.Generator | None = None,
+                 top_p: float | None = None) -> list[str]:
+    """``num_samples`` names starting with ``prefix``, drawn in parallel (``gpt`` in eval mode for the draw);
+    ``top_p`` keeps only the smallest set of likeliest characters whose probability reaches it."""
     if not temperature > 0:
         raise UserError(f"temperature must be positive, got {temperature}.")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}.")
     unknown = tokenizer.unknown(prefix)
     if unknown:
         raise UserError(f"the prefix {prefix!r} has characters the model has never seen: {''.join(unknown)!r}.")
@@ -35,7 +39,7 @@ def sample_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, num_samples: int
     gpt.eval()
     try:
         ids = gpt.generate([tokenizer.bos, *tokenizer.encode(prefix)], num_samples, tokenizer.bos,
-                           temperature=temperature, top_k=top_k, generator=generator)
+                           temperature=temperature, top_k=top_k, generator=generator, top_p=top_p)
     finally:
         gpt.train(was_training)
     return [prefix + tokenizer.decode(s) for s in ids]
@@ -134,6 +138,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="microgpt sample", description="Invent names with a trained checkpoint.")
     parser.add_argument("--ckpt_path", required=True, nargs="+",
@@ -144,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_samples", type=positive_int, default=20, help="how many names (default 20)")
     parser.add_argument("--temperature", type=positive_float, default=0.5, help="softmax temperature (default 0.5)")
     parser.add_argument("--top_k", type=positive_int, default=None, help="draw only among the k likeliest characters")
+    parser.add_argument("--top_p", type=probability, default=None,
+                        help="draw only among the fewest likeliest characters whose probability reaches p (0 < p <= 1)")
     parser.add_argument("--prefix", default="", help="every name starts with these characters")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible names")
     parser.add_argument("--output", default=None, help="write the names to this file instead of printing them")
@@ -159,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         if len(paths) > 1:
             gpt = Ensemble([gpt, *load_members(paths[1:], tokenizer, gpt.block_size, args.device)])
         generator = None if args.seed is None else torch.Generator(args.device).manual_seed(args.seed)
-        names = sample_names(gpt, tokenizer, args.num_samples, args.temperature, args.top_k, args.prefix, generator)
+        names = sample_names(gpt, tokenizer, args.num_samples, args.temperature, args.top_k, args.prefix, generator,
+                             args.top_p)
         text = "".join(f"{name}\n" for name in names)
         if args.output:
             write_output(Path(args.output), text)

@@ -1,0 +1,119 @@
+"""Many sampling requests in one batch of rows, each with its own prompt, settings and random numbers.
+
+This is how ``serve`` answers the requests that arrive together with one forward pass per step. Torch only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from microgpt.model import GPT, Ensemble, keep_top_p
+
+
+@dataclass
+class SampleRequest:
+    """``count`` continuations of ``prompt`` (token ids), drawn as ``GPT.generate`` draws them.
+
+    Args:
+        prompt: Token ids to continue, normally the end/start token followed by a prefix.
+        count: How many continuations.
+        temperature: Softmax temperature, positive.
+        top_k: Draw only among the k most likely tokens; all when unset.
+        top_p: Draw only among the smallest set of likeliest tokens whose probability reaches top_p; all when unset.
+        generator: The random numbers of this request alone; torch's global ones when unset.
+    """
+
+    prompt: list[int]
+    count: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+
+
+@torch.no_grad()
+def generate_batch(model: GPT | Ensemble, requests: list[SampleRequest], end_token: int,
+                   max_new_tokens: int | None = None) -> list[list[list[int]]]:
+    """The new tokens (without ``end_token``) of every continuation of every request, generated together.
+
+    Every row starts at position 0 and all rows advance one position per step with one forward pass, sharing
+    the key/value cache (and, past ``block_size``, the sliding window); a row feeds its prompt's tokens until
+    they run out, then draws. A request draws with its own generator, a (count, vocabulary) block per step,
+    from its first token after the prompt until its continuations have ended or drawn ``max_new_tokens``
+    (default ``block_size``): the very draws ``model.generate`` makes for that request alone. So a seeded
+    request gets the same tokens whatever else is in the batch (up to float rounding of the logits, which
+    may differ in the last bits with the batch's shape).
+    """
+    if not requests:
+        return []
+    for r in requests:
+        if r.count < 1 or not r.prompt:
+            raise ValueError("every request needs a prompt and a positive count.")
+        if not r.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {r.temperature}.")
+        if r.top_k is not None and r.top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {r.top_k}.")
+        if r.top_p is not None and not 0 < r.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {r.top_p}.")
+    max_new_tokens = model.block_size if max_new_tokens is None else max_new_tokens
+    device = next(model.parameters()).device
+    counts = [r.count for r in requests]
+    bounds = [0, *torch.tensor(counts).cumsum(0).tolist()]
+    width = max(len(r.prompt) for r in requests)
+    prompts = torch.tensor([r.prompt + [end_token] * (width - len(r.prompt)) for r in requests], device=device)
+    prompts = prompts.repeat_interleave(torch.tensor(counts, device=device), dim=0)
+    per_row = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device).repeat_interleave(
+        torch.tensor(counts, device=device))[:, None]
+    caches = model.new_caches(len(prompts))
+    context = prompts[:, :1]
+    logits = model(context, caches)[:, -1]
+    vocab_size = logits.size(-1)
+    temperature = per_row([r.temperature for r in requests], torch.float)
+    top_k = per_row([min(r.top_k or vocab_size, vocab_size) for r in requests], torch.long)
+    # a top_p of 1 keeps every token: no cut at all, rather than one a rounded cumulative sum could make
+    top_p = per_row([r.top_p if r.top_p is not None and r.top_p < 1 else float("inf") for r in requests], torch.float)
+
+    drawn: list[list[torch.Tensor]] = [[] for _ in requests]
+    done = [False] * len(requests)
+    ended = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    position = 1  # of the token chosen in this step
+    while True:
+        tokens = prompts[:, position] if position < width else torch.full_like(prompts[:, 0], end_token)
+        drawing = [i for i, r in enumerate(requests) if not done[i] and len(r.prompt) <= position]
+        if drawing:
+            probs = F.softmax(choices(logits / temperature, top_k, top_p), dim=-1)
+            tokens = tokens.clone()
+            for i in drawing:
+                a, b = bounds[i], bounds[i + 1]
+                token = torch.multinomial(probs[a:b], 1, generator=requests[i].generator)[:, 0]
+                drawn[i].append(token)
+                tokens[a:b] = token
+                ended[a:b] |= token == end_token
+            ended_rows = ended.tolist()
+            for i in drawing:
+                done[i] = all(ended_rows[bounds[i]:bounds[i + 1]]) or len(drawn[i]) == max_new_tokens
+        if all(done):
+            break
+        context = torch.cat([context, tokens[:, None]], dim=1)
+        if context.size(1) <= model.block_size:  # the cache has room: feed the new position only
+            logits = model(tokens[:, None], caches, start=context.size(1) - 1)[:, -1]
+        else:  # the window slides and every position shifts: re-read it whole
+            context = context[:, -model.block_size:]
+            logits = model(context)[:, -1]
+        position += 1
+    out = []
+    for i in range(len(requests)):
+        rows = torch.stack(drawn[i], dim=1).tolist()
+        out.append([row[: row.index(end_token)] if end_token in row else row for row in rows])
+    return out
+
+
+def choices(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``logits`` (B, V) with -inf outside each row's ``top_k`` likeliest tokens (B, 1), then outside the
+    nucleus of probability ``top_p`` (B, 1) of what is left: per row, what ``GPT.generate`` keeps."""
+    kth = logits.sort(dim=-1, descending=True).values.gather(-1, top_k - 1)
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    return keep_top_p(logits, top_p)

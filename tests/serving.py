@@ -1,0 +1,114 @@
+"""Helpers for the serve tests: a real ``microgpt serve`` subprocess on a free port, and plain-urllib HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MICROGPT_API_KEY"}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+def session_processes(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (the server, started in a new session, and all it started)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields: state, ppid, pgrp, session
+            found.append(int(entry.name))
+    return found
+
+
+class Server:
+    """``microgpt serve --ckpt_path CKPT ARGS`` in a session of its own, its output in ``log``."""
+
+    def __init__(self, ckpt: Path, log: Path, *args: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.started = time.monotonic()
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "microgpt", "serve", "--ckpt_path", str(ckpt), "--port", str(self.port), *args],
+                stdout=out, stderr=subprocess.STDOUT, env=env or serve_env(), start_new_session=True)
+
+    def wait_ready(self, timeout: float = 120) -> float:
+        """Seconds from the start until ``/health`` answered 200."""
+        while time.monotonic() - self.started < timeout:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if get(self.url + "/health")[0] == 200:
+                    return time.monotonic() - self.started
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"the server was not ready after {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        """Stop it, and anything it left, whatever state it is in (fixture teardown)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in session_processes(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.wait(10)
+
+
+def request(url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+            method: str = "GET") -> tuple[int, bytes, dict]:
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(), dict(err.headers)
+
+
+def get(url: str) -> tuple[int, bytes]:
+    status, body, _ = request(url)
+    return status, body
+
+
+def post(url: str, payload=None, raw: bytes | None = None, key: str | None = None) -> tuple[int, dict]:
+    """POST ``payload`` as JSON (or ``raw`` bytes as they are); the status and the decoded JSON answer."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["X-API-Key"] = key
+    body = raw if raw is not None else json.dumps(payload).encode()
+    status, answer, _ = request(url, body, headers, "POST")
+    return status, json.loads(answer)
