@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import lightning as L
 import torch
@@ -14,6 +15,7 @@ from microgpt.checkpoint import FORMAT, FORMAT_KEY
 from microgpt.data import IGNORE_INDEX, Batch
 from microgpt.errors import UserError
 from microgpt.model import GPT, Ensemble
+from microgpt.optim import MuonWithAdamW
 from microgpt.sample import load_members, load_model, sample_names
 from microgpt.tokenizer import CharTokenizer
 
@@ -45,12 +47,17 @@ class MicroGPT(L.LightningModule):
         n_layer: Number of transformer blocks.
         block_size: Context length, shared with the data module.
         dropout: Dropout probability during training.
-        lr: Peak learning rate.
+        lr: Peak learning rate (of AdamW; with ``optimizer: muon``, of the parameters Muon leaves to AdamW).
         betas: Adam's beta1 and beta2.
         eps: Adam's epsilon.
         weight_decay: AdamW weight decay, applied to the weight matrices of the linear layers only.
+        optimizer: ``adamw`` for every parameter, or ``muon``: Muon (``torch.optim.Muon``, torch 2.9 or later)
+            for the blocks' weight matrices and AdamW for the embeddings and the output head.
+        muon_lr: Muon's peak learning rate (scaled by sqrt(rows / columns) for matrices taller than wide).
+        muon_momentum: Muon's momentum (Nesterov).
+        muon_weight_decay: Muon's decoupled weight decay of the blocks' weight matrices.
         warmup_steps: Optimizer steps of linear warmup before the cosine decay.
-        min_lr: The learning rate the cosine decay ends at.
+        min_lr: The learning rate the cosine decay ends at (Muon's ends at the same fraction of muon_lr).
         compile: Compile the training step's forward pass with ``torch.compile``, for batches of one shape
             (--data.static_shapes, linked); evaluation and generation run eager. The first step pays for
             compiling; weights and checkpoints are unchanged.
@@ -72,6 +79,10 @@ class MicroGPT(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        optimizer: Literal["adamw", "muon"] = "adamw",
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
+        muon_weight_decay: float = 0.0,
         warmup_steps: int = 0,
         min_lr: float = 0.0,
         compile: bool = False,
@@ -81,7 +92,8 @@ class MicroGPT(L.LightningModule):
         super().__init__()
         check_hyperparameters(n_embd=n_embd, n_head=n_head, n_layer=n_layer, block_size=block_size,
                               dropout=dropout, lr=lr, eps=eps, weight_decay=weight_decay,
-                              warmup_steps=warmup_steps, min_lr=min_lr)
+                              warmup_steps=warmup_steps, min_lr=min_lr, muon_lr=muon_lr,
+                              muon_momentum=muon_momentum, muon_weight_decay=muon_weight_decay)
         # not saved with the weights: LightningCLI re-reads a checkpoint's hyper-parameters over the command
         # line's, so a saved value would override --model.ensemble at test time, and a fine-tuned checkpoint
         # would need its init_from file to load
@@ -312,20 +324,43 @@ class MicroGPT(L.LightningModule):
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     def configure_optimizers(self):
+        """AdamW (decay on the linear layers' weight matrices only), or with ``optimizer: muon`` Muon for the
+        blocks' weight matrices and AdamW for the rest, as one optimizer; the step-wise warmup and cosine
+        schedule scales every group's learning rate."""
         hp = self.hparams
         embeddings = {id(m.weight) for m in self.gpt.modules() if isinstance(m, nn.Embedding)}
-        decay = [p for p in self.gpt.parameters() if p.dim() >= 2 and id(p) not in embeddings]
-        no_decay = [p for p in self.gpt.parameters() if p.dim() < 2 or id(p) in embeddings]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
-            fused=True if self.device.type == "cuda" else None,  # torch's default on the CPU: the seed's exact numbers
-        )
+        matrices = [p for p in self.gpt.blocks.parameters() if p.dim() == 2] if hp.optimizer == "muon" else []
+        rest = [p for p in self.gpt.parameters() if id(p) not in {id(m) for m in matrices}]
+        decay = [p for p in rest if p.dim() >= 2 and id(p) not in embeddings]
+        no_decay = [p for p in rest if p.dim() < 2 or id(p) in embeddings]
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if matrices:
+            # names for LearningRateMonitor's tags (lr-MuonWithAdamW/muon, ...)
+            for group, name in zip(groups, ("adamw", "adamw-no_decay")):
+                group["name"] = name
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+                                      # torch's default on the CPU: the seed's exact numbers
+                                      fused=True if self.device.type == "cuda" else None)
+        if matrices:
+            muon = muon_class()(
+                [{"params": matrices, "name": "muon"}], lr=hp.muon_lr, momentum=hp.muon_momentum,
+                weight_decay=hp.muon_weight_decay, nesterov=True,
+            )
+            optimizer = MuonWithAdamW(muon, optimizer)
         total = int(self.trainer.estimated_stepping_batches)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, total, hp.warmup_steps, hp.min_lr / hp.lr)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def muon_class() -> type[torch.optim.Optimizer]:
+    """``torch.optim.Muon``, or a ``UserError`` if the installed torch has none."""
+    muon = getattr(torch.optim, "Muon", None)
+    if muon is None:
+        raise UserError(f"--model.optimizer muon needs torch.optim.Muon, which torch {torch.__version__} lacks "
+                        "(torch 2.9 and later have it); upgrade torch or use --model.optimizer adamw.")
+    return muon
 
 
 @torch.no_grad()
@@ -367,6 +402,10 @@ def check_hyperparameters(**values: float) -> None:
         raise UserError(f"--model.dropout must be in [0, 1), got {values['dropout']}.")
     if not values["lr"] > 0:
         raise UserError(f"--model.lr must be positive, got {values['lr']}.")
-    for name in ("eps", "weight_decay", "warmup_steps", "min_lr"):
+    if not values["muon_lr"] > 0:
+        raise UserError(f"--model.muon_lr must be positive, got {values['muon_lr']}.")
+    if not 0 <= values["muon_momentum"] < 1:
+        raise UserError(f"--model.muon_momentum must be in [0, 1), got {values['muon_momentum']}.")
+    for name in ("eps", "weight_decay", "muon_weight_decay", "warmup_steps", "min_lr"):
         if not values[name] >= 0:
             raise UserError(f"--model.{name} must be zero or more, got {values[name]}.")

@@ -69,6 +69,9 @@ def test_trainer_flags_that_contradict_the_recipe_are_one_line(tiny_names, tmp_p
     ({"lr": 0.0}, "--model.lr must be positive, got 0.0."),
     ({"dropout": 1.0}, "--model.dropout must be in [0, 1), got 1.0."),
     ({"warmup_steps": -5}, "--model.warmup_steps must be zero or more, got -5."),
+    ({"muon_lr": 0.0}, "--model.muon_lr must be positive, got 0.0."),
+    ({"muon_momentum": 1.0}, "--model.muon_momentum must be in [0, 1), got 1.0."),
+    ({"muon_weight_decay": -0.1}, "--model.muon_weight_decay must be zero or more, got -0.1."),
 ])
 def test_out_of_range_model_settings_through_the_api(setting, message):
     with pytest.raises(UserError) as error:

@@ -166,6 +166,34 @@ def test_a_run_with_weight_averaging_resumes_to_the_same_average_and_weights(nam
     assert samples(resumed.stdout) == samples(straight_stdout)
 
 
+def test_a_muon_run_resumes_to_the_same_weights_optimizer_state_and_losses(names, tmp_path):
+    """``--model.optimizer muon`` (Muon and AdamW stepped as one optimizer): resumed from its step-30
+    checkpoint, a 60-step run ends with the uninterrupted run's weights, momentum buffers and Adam moments,
+    and logs the same loss at every step."""
+    every_30 = json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                            "init_args": {"every_n_train_steps": 30, "save_top_k": -1, "filename": "{step}"}}])
+
+    def fit(root: Path, *extra: str) -> Path:
+        main(fit_command(names, root, "--model.optimizer", "muon", "--trainer.max_steps", "60",
+                         "--trainer.callbacks", every_30, *extra)[3:])
+        return root / "lightning_logs" / "version_0"
+
+    straight = fit(tmp_path / "straight")
+    resumed = fit(tmp_path / "resumed", "--ckpt_path", str(straight / "checkpoints" / "step=30.ckpt"))
+    expected = torch.load(straight / "checkpoints" / "step=60.ckpt", weights_only=True)
+    actual = torch.load(resumed / "checkpoints" / "step=60.ckpt", weights_only=True)
+    assert expected["global_step"] == actual["global_step"] == 60
+    assert_same_tensors(expected["state_dict"], actual["state_dict"])
+    (expected_optimizer,), (actual_optimizer,) = expected["optimizer_states"], actual["optimizer_states"]
+    assert [g.get("name") for g in actual_optimizer["param_groups"]] == ["muon", "adamw", "adamw-no_decay"]
+    assert "momentum_buffer" in actual_optimizer["state"][0] and "exp_avg_sq" in actual_optimizer["state"][6]
+    assert expected_optimizer["state"].keys() == actual_optimizer["state"].keys()
+    for index, state in expected_optimizer["state"].items():
+        assert_same_tensors(state, actual_optimizer["state"][index], f"optimizer state {index}")
+    resumed_losses = losses(resumed)
+    assert set(resumed_losses) == set(range(30, 60)) and resumed_losses.items() <= losses(straight).items()
+
+
 def test_the_steps_after_the_last_periodic_checkpoint_are_saved(names, tmp_path):
     """``max_steps`` 7 with a checkpoint every 5 steps: ``last.ckpt`` still holds step 7, and with a moving
     average it keeps the trained weights themselves (those of the same run without the average) beside it."""
