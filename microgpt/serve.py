@@ -134,6 +134,10 @@ class CheckpointAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         # Ctrl-C reaches every process of the terminal's group: the main process stops this one (SIGTERM)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if device == "cpu":
+            # requests are small: one thread each, rather than threads that spin waiting for work while the
+            # HTTP process and the other worker need the same cores
+            torch.set_num_threads(1)
         self.gpt, self.tokenizer = load_model(self.ckpt_path, device)
         self.gpt.eval()
 
