@@ -170,8 +170,9 @@ def main():
         before, after, _ = figures[batched, "memory"]
         goals = [
             (f"no failed request at {most} clients", figures[batched, most]["failed"] == 0
-             and figures[single, most]["failed"] == 0, f"{figures[batched, most]['failed']} + "
-             f"{figures[single, most]['failed']} of {figures[batched, most]['requests']}"),
+             and figures[single, most]["failed"] == 0, (f"{figures[batched, most]['failed']} + "
+                                                        f"{figures[single, most]['failed']} of "
+                                                        f"{figures[batched, most]['requests']}")),
             (f"batching >= 3x the requests/s of none at {most} clients", speedup >= 3, f"{speedup:.1f}x"),
             ("resident memory grows < 10%", (after - before) / before < 0.10, f"{(after - before) / before:+.1%}"),
         ]
