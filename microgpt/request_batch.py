@@ -45,7 +45,8 @@ def generate_batch(model: GPT | Ensemble, requests: list[SampleRequest], end_tok
     from its first token after the prompt until its continuations have ended or drawn ``max_new_tokens``
     (default ``block_size``): the very draws ``model.generate`` makes for that request alone. So a seeded
     request gets the same tokens whatever else is in the batch (up to float rounding of the logits, which
-    may differ in the last bits with the batch's shape).
+    may differ in the last bits with the batch's shape). Requests without a generator draw together from
+    torch's global random numbers.
     """
     if not requests:
         return []
@@ -75,26 +76,34 @@ def generate_batch(model: GPT | Ensemble, requests: list[SampleRequest], end_tok
     top_k = per_row([min(r.top_k or vocab_size, vocab_size) for r in requests], torch.long)
     # a top_p of 1 keeps every token: no cut at all, rather than one a rounded cumulative sum could make
     top_p = per_row([r.top_p if r.top_p is not None and r.top_p < 1 else float("inf") for r in requests], torch.float)
+    cut_k, cut_p = bool((top_k < vocab_size).any()), bool(torch.isfinite(top_p).any())
+    lengths = per_row([len(r.prompt) for r in requests], torch.long)[:, 0]
 
-    drawn: list[list[torch.Tensor]] = [[] for _ in requests]
+    draws = [0] * len(requests)
     done = [False] * len(requests)
     ended = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    position = 1  # of the token chosen in this step
+    history = []  # the token of every row at positions 1, 2, ...: its prompt's, then its draws
+    position = 1
     while True:
         tokens = prompts[:, position] if position < width else torch.full_like(prompts[:, 0], end_token)
         drawing = [i for i, r in enumerate(requests) if not done[i] and len(r.prompt) <= position]
         if drawing:
-            probs = F.softmax(choices(logits / temperature, top_k, top_p), dim=-1)
+            probs = F.softmax(choices(logits / temperature, top_k if cut_k else None, top_p if cut_p else None), dim=-1)
             tokens = tokens.clone()
+            shared = [i for i in drawing if requests[i].generator is None]
+            if shared:  # the requests without a generator draw from torch's global one, together
+                rows = torch.tensor([row for i in shared for row in range(bounds[i], bounds[i + 1])], device=device)
+                tokens[rows] = torch.multinomial(probs[rows], 1)[:, 0]
             for i in drawing:
-                a, b = bounds[i], bounds[i + 1]
-                token = torch.multinomial(probs[a:b], 1, generator=requests[i].generator)[:, 0]
-                drawn[i].append(token)
-                tokens[a:b] = token
-                ended[a:b] |= token == end_token
+                if requests[i].generator is not None:
+                    a, b = bounds[i], bounds[i + 1]
+                    tokens[a:b] = torch.multinomial(probs[a:b], 1, generator=requests[i].generator)[:, 0]
+                draws[i] += 1
+            ended |= (tokens == end_token) & (lengths <= position)
             ended_rows = ended.tolist()
             for i in drawing:
-                done[i] = all(ended_rows[bounds[i]:bounds[i + 1]]) or len(drawn[i]) == max_new_tokens
+                done[i] = all(ended_rows[bounds[i]:bounds[i + 1]]) or draws[i] == max_new_tokens
+        history.append(tokens)
         if all(done):
             break
         context = torch.cat([context, tokens[:, None]], dim=1)
@@ -104,16 +113,19 @@ def generate_batch(model: GPT | Ensemble, requests: list[SampleRequest], end_tok
             context = context[:, -model.block_size:]
             logits = model(context)[:, -1]
         position += 1
+    history = torch.stack(history, dim=1).tolist()
     out = []
-    for i in range(len(requests)):
-        rows = torch.stack(drawn[i], dim=1).tolist()
+    for i, r in enumerate(requests):
+        first = len(r.prompt) - 1  # the column of its first draw
+        rows = [row[first : first + draws[i]] for row in history[bounds[i]:bounds[i + 1]]]
         out.append([row[: row.index(end_token)] if end_token in row else row for row in rows])
     return out
 
 
-def choices(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def choices(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
     """``logits`` (B, V) with -inf outside each row's ``top_k`` likeliest tokens (B, 1), then outside the
-    nucleus of probability ``top_p`` (B, 1) of what is left: per row, what ``GPT.generate`` keeps."""
-    kth = logits.sort(dim=-1, descending=True).values.gather(-1, top_k - 1)
-    logits = logits.masked_fill(logits < kth, float("-inf"))
-    return keep_top_p(logits, top_p)
+    nucleus of probability ``top_p`` (B, 1) of what is left: per row, what ``GPT.generate`` keeps (None: no cut)."""
+    if top_k is not None:
+        kth = logits.sort(dim=-1, descending=True).values.gather(-1, top_k - 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits if top_p is None else keep_top_p(logits, top_p)

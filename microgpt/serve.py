@@ -15,7 +15,6 @@ prefix's characters and length, the names' characters) is checked in the worker,
 answered on its own, so it never spoils the batch it arrived in. Like ``sample``, nothing here imports Lightning.
 """
 
-
 import argparse
 import base64
 import hashlib
@@ -34,7 +33,7 @@ import litserve as ls
 import torch
 from fastapi import Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from microgpt.errors import UserError
@@ -134,6 +133,10 @@ class CheckpointAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         # Ctrl-C reaches every process of the terminal's group: the main process stops this one (SIGTERM)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if device == "cpu":
+            # requests are small: one thread each, rather than threads that spin waiting for work while the
+            # HTTP process and the other worker need the same cores
+            torch.set_num_threads(1)
         self.gpt, self.tokenizer = load_model(self.ckpt_path, device)
         self.gpt.eval()
 
@@ -216,7 +219,7 @@ def page() -> tuple[str, str]:
     html = (files("microgpt") / "page.html").read_text(encoding="utf-8")
     digest = lambda tag: " ".join(
         f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
-        for body in re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S))
+        for body in re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL))
     policy = (f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; "
               "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
     return html, policy
