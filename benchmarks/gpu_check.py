@@ -118,14 +118,14 @@ def plain_ms_per_step(device: str, batch_size: int, n_embd: int, n_layer: int, b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accelerator", default="gpu", help="gpu (default) or cpu")
-    parser.add_argument("--quick", action="store_true", help="a few steps of two recipes, no compile: the CPU form")
+    parser.add_argument("--quick", action="store_true", help="a few steps of the seed recipe, no compile: the CPU form")
     args = parser.parse_args()
     device = "cuda" if args.accelerator in ("gpu", "cuda") else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device here; run with --accelerator cpu --quick for the CPU form.")
     steps = 12 if args.quick else 300
     rows = []
-    recipes = ["names.yaml", "names-batched.yaml"] + ([] if args.quick else ["names-best.yaml"])
+    recipes = ["names.yaml"] if args.quick else ["names.yaml", "names-batched.yaml", "names-best.yaml"]
     for config in recipes:
         rows.append((config, "32-true", fit(config, args.accelerator, steps, warmup=min(20, steps // 3))))
     if not args.quick:

@@ -13,7 +13,7 @@ def test_the_gpu_check_runs_on_cpu():
                              "--quick"], capture_output=True, text=True, timeout=240, check=False,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
-    for config in ("names.yaml", "names-batched.yaml"):
+    for config in ("names.yaml",):
         row = re.search(rf"^\| {config} \| 32-true \| 12 \| 0 \| ([\d.]+) \|.*final: step 12 ", result.stdout,
                         flags=re.MULTILINE)
         assert row and float(row.group(1)) > 0, result.stdout
