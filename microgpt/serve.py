@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from microgpt.errors import UserError
 from microgpt.request_batch import SampleRequest, generate_batch
-from microgpt.sample import load_model, resolve, score_names
+from microgpt.sample import load_model, positive_int, resolve, score_names
 
 MAX_COUNT = 1000  # names per /predict request
 MAX_NAMES = 1000  # names per /score request
@@ -278,13 +278,6 @@ def host(text: str) -> str:
         raise argparse.ArgumentTypeError(f"must be 127.0.0.1 (this machine only), 0.0.0.0 (every IPv4 address) "
                                          f"or :: (every IPv6 address), got {text}")
     return HOSTS[text]
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def seconds(text: str) -> float:
