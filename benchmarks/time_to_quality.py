@@ -136,10 +136,10 @@ def write_table(results: list[Result], path: Path, command: str, split: str) -> 
         "",
         f"Written by `{command}` (threads: {os.environ.get('OMP_NUM_THREADS', 'torch default')}).",
         "",
-        f"{split} Each recipe is a fresh `fit` on `train.txt`; `val/loss` is the NLL per character of the "
+        (f"{split} Each recipe is a fresh `fit` on `train.txt`; `val/loss` is the NLL per character of the "
         "recipe's own 1,000 validation names (drawn from `train.txt`), `test/loss` that of `last.ckpt` on "
         "`test.txt`. Seconds count from the start of `fit`, as its `final:` line does; they include the "
-        "validations that draw the curve.",
+        "validations that draw the curve."),
         "",
         "| recipe | steps | fit seconds | final `val/loss` | `test/loss` |",
         "| --- | ---: | ---: | ---: | ---: |",

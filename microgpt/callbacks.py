@@ -433,12 +433,10 @@ class Throughput(L.Callback):
                            batch_idx: int) -> None:
         self._tokens += batch.tokens
         self._names += trainer.datamodule.batch_size
-        step = trainer.global_step
-        every = trainer.log_every_n_steps
-        if step == self._seen_step or not trainer.loggers or every < 1 or step % every:
-            self._seen_step = step
+        step, every = trainer.global_step, trainer.log_every_n_steps
+        ended_a_step, self._seen_step = step != self._seen_step, step
+        if not ended_a_step or not trainer.loggers or every < 1 or step % every:
             return  # mid-accumulation, or not a logging step
-        self._seen_step = step
         seconds = time.perf_counter() - self._since
         if trainer.is_global_zero:
             for logger in trainer.loggers:

@@ -196,7 +196,7 @@ def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
         lost = lost_connection(err)
         if lost is None:
             raise
-        print(f"microgpt: error: process {os.environ.get('RANK', os.environ.get('LOCAL_RANK', 0))} lost its "
+        print(f"microgpt: error: process {os.environ.get('RANK', os.environ.get('LOCAL_RANK', '0'))} lost its "
               f"connection to another process of this run, which stopped first ({lost}); that process's own "
               "error, printed above, is the cause.", file=sys.stderr)
         raise SystemExit(1) from None

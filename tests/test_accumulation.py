@@ -2,9 +2,9 @@
 
 import json
 import os
-from types import SimpleNamespace
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import lightning as L
 import pytest

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-
 from conftest import error_line
+
 from microgpt.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
