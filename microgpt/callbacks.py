@@ -18,8 +18,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Checkpoint, TQDMPr
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from microgpt.checkpoint import atomic_torch_save, atomic_write, load_checkpoint
+from microgpt.checkpoint import atomic_torch_save, load_checkpoint
 from microgpt.errors import UserError
+from microgpt.files import atomic_write
 
 
 def novelty(names: list[str], train_names: set[str], held_out_names: set[str]) -> dict[str, float]:

@@ -23,9 +23,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from microgpt.callbacks import ProgressBar, Stopped, WriteNames
-from microgpt.checkpoint import disk_full, find_checkpoint, load_checkpoint
+from microgpt.checkpoint import find_checkpoint, load_checkpoint
 from microgpt.data import NamesDataModule
 from microgpt.errors import UserError
+from microgpt.files import disk_full
 from microgpt.hooks import QuietProfiler, skip_idle_hooks
 from microgpt.module import MicroGPT
 from microgpt.runs import run_version, with_claimed_version

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from microgpt.checkpoint import WriteFailed, atomic_write, find_checkpoint, load_checkpoint
+from microgpt.checkpoint import find_checkpoint, load_checkpoint
 from microgpt.devices import device_problem
 from microgpt.errors import UserError
+from microgpt.files import WriteFailed, atomic_write
 from microgpt.model import GPT, Ensemble
 from microgpt.tokenizer import CharTokenizer
 

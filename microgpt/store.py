@@ -29,14 +29,15 @@ from typing import BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
-from microgpt.checkpoint import WriteFailed, atomic_write, os_reason
 from microgpt.errors import UserError
+from microgpt.files import WriteFailed, atomic_write, os_reason, unreadable
 
 FORMAT = 1  # bump when the layout changes: the file name and the header both carry it
 MAGIC = b"MGPTTOKS"
 HEADER = struct.Struct("<8sIIQQQ")  # magic, format, token itemsize, names, tokens, vocabulary bytes
 HEADER_BYTES = 64
 CHUNK_BYTES = 4 << 20  # text read per step while scanning and building
+CHUNK_LINES = 1 << 20  # names looked at per step by a pass over many of them
 PROGRESS_FROM = 64 << 20  # files at least this large show a progress bar while the store is built
 CACHE_ENV = "MICROGPT_CACHE"
 MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # of the polynomial line hash
@@ -57,38 +58,52 @@ def check_file(path: Path) -> None:
         raise UserError(f"{path}: is a directory, not a file of names.")
 
 
+def blocks(f: BinaryIO) -> Iterator[bytes]:
+    """The rest of an open file, ``CHUNK_BYTES`` at a time."""
+    while block := f.read(CHUNK_BYTES):
+        yield block
+
+
+def chunks(count: int) -> Iterator[slice]:
+    """``slice``s that cover ``0 .. count - 1``, ``CHUNK_LINES`` at a time: a pass over many names holds only one chunk."""
+    for start in range(0, count, CHUNK_LINES):
+        yield slice(start, min(start + CHUNK_LINES, count))
+
+
 def content_hash(path: Path) -> str:
     """The SHA-256 of the file's bytes, in hex."""
     check_file(path)
     digest = hashlib.sha256()
     try:
         with path.open("rb") as f:
-            while block := f.read(CHUNK_BYTES):
+            for block in blocks(f):
                 digest.update(block)
     except OSError as err:
-        raise UserError(f"{path}: cannot be read ({err.strerror or err}).") from None
+        raise unreadable(path, err) from None
     return digest.hexdigest()
 
 
 def read_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[list[str], int]]:
     """The names of a file a chunk at a time, with the bytes read for each chunk.
 
-    Exactly what ``data.read_names`` returns, in order, without holding the file: chunks end at a
-    line break (``\\n`` or ``\\r``, bytes that never occur inside a UTF-8 character), so every line
-    is split, stripped and decoded as in the whole text.
+    The file's lines, stripped, blank ones dropped, in order, without holding the file: chunks end at a
+    line break (``\\n`` or ``\\r``, bytes that never occur inside a UTF-8 character), so every line is
+    split (any line ending: ``\\n``, ``\\r\\n``, ``\\r``), stripped and decoded as in the whole text. A
+    byte-order mark, as some Windows editors write, is not part of the first name; duplicates are kept, and
+    characters exactly as written (no Unicode normalization).
     """
     check_file(path)
     rest, newlines, first = b"", 0, True
     try:
         f = path.open("rb")
     except OSError as err:
-        raise UserError(f"{path}: cannot be read ({err.strerror or err}).") from None
+        raise unreadable(path, err) from None
     with f:
         while True:
             try:
                 block = f.read(chunk_bytes)
             except OSError as err:
-                raise UserError(f"{path}: cannot be read ({err.strerror or err}).") from None
+                raise unreadable(path, err) from None
             data = rest + block
             cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1 if block else len(data)
             if block and cut == 0:  # no line break yet: read on
@@ -208,7 +223,7 @@ class TokenStore:
         return None if None in ids else np.array(ids, dtype=np.int64)
 
 
-def among(store: TokenStore, lines: np.ndarray, names: list[str]) -> set[str]:
+def names_among(store: TokenStore, lines: np.ndarray, names: list[str]) -> set[str]:
     """Those of ``names`` that are names at ``lines`` of ``store``, found without a set of the store's
     names: one pass over the lines' hashes looking up the few wanted hashes, every hit checked against
     the line's tokens."""
@@ -220,8 +235,8 @@ def among(store: TokenStore, lines: np.ndarray, names: list[str]) -> set[str]:
     by_key = np.argsort(keys)
     keys = keys[by_key]
     found: set[str] = set()
-    for start in range(0, len(lines), 1 << 20):
-        part = np.asarray(lines[start : start + (1 << 20)])
+    for chunk in chunks(len(lines)):
+        part = np.asarray(lines[chunk])
         hashes = store.hashes[part]
         first = np.searchsorted(keys, hashes)
         hits = np.flatnonzero(keys[first.clip(max=len(keys) - 1)] == hashes)
@@ -291,7 +306,7 @@ def write_store(f: BinaryIO, source: Path, chars: str, scratch: Path) -> None:
         f.write(bytes(align8(HEADER_BYTES + num_tokens * dtype.itemsize) - HEADER_BYTES - num_tokens * dtype.itemsize))
         for part in (offsets, hashes):
             part.seek(0)
-            while block := part.read(CHUNK_BYTES):
+            for block in blocks(part):
                 f.write(block)
     vocab = chars.encode("utf-8")
     f.write(vocab)

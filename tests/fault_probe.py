@@ -14,7 +14,7 @@ import lightning as L
 import torch
 
 from microgpt.callbacks import AtomicCheckpointIO
-from microgpt.checkpoint import atomic_write
+from microgpt.files import atomic_write
 
 
 def fill(folder: str | os.PathLike) -> Path:
