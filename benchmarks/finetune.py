@@ -49,8 +49,9 @@ def held_out_names_ending_in_a() -> list[str]:
     sys.path.insert(0, str(ROOT))
     from microgpt.data import NamesDataModule
 
-    data = NamesDataModule(val_size=1000, test_size=1000, seed=42)  # names-best's split
-    return [name for name in data.val_names + data.test_names if name.endswith("a")]
+    split = NamesDataModule(val_size=1000, test_size=1000, seed=42).split  # names-best's split
+    held_out = split.store.decode(split.val_lines) + split.store.decode(split.test_lines)
+    return [name for name in held_out if name.endswith("a")]
 
 
 def best_val_loss(root: Path) -> float:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -98,12 +99,14 @@ def plain_ms_per_step(device: str, batch_size: int, n_embd: int, n_layer: int, b
     sys.path.insert(0, str(BENCHMARKS))
     from train_speed import PlainSteps
 
-    from microgpt.data import BUNDLED_NAMES, encode_names, read_names
+    from microgpt.data import NamesDataModule
+    from microgpt.rows import NameRows
     from microgpt.tokenizer import CharTokenizer
 
-    names = read_names(BUNDLED_NAMES)
-    tokenizer = CharTokenizer("".join(sorted(set("".join(names)))))
-    encoded = encode_names(names, tokenizer, block_size)
+    store = NamesDataModule(val_size=0).split.store  # the bundled names, all of them in the file's order
+    tokenizer = CharTokenizer(store.chars)
+    rows = NameRows(store, np.arange(len(store)), tokenizer, block_size)
+    encoded = rows.cut(torch.arange(len(rows)))
     loop = PlainSteps(encoded, tokenizer.vocab_size, batch_size, n_embd, 4, n_layer, block_size, steps, device=device)
     loop.run(max(steps // 10, 1))
     if device == "cuda":

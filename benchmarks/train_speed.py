@@ -142,7 +142,7 @@ def lightning_train(names, batch_size, n_embd, n_head, n_layer, block_size, step
 
 
 def throughput(names: Path, rounds: int, scale: float) -> None:
-    from microgpt.data import NamesDataModule, encode_names
+    from microgpt.data import NamesDataModule
 
     print(f"Training-step throughput, best of {rounds} alternating rounds, warm-up steps excluded")
     print(f"{'setting':<66} {'side':<10} {'steps/s':>9} {'tokens/s':>10} {'Lightning/plain':>16}")
@@ -150,7 +150,8 @@ def throughput(names: Path, rounds: int, scale: float) -> None:
         steps = max(20, int(s["steps"] * scale))
         config = {k: v for k, v in s.items() if k not in ("steps", "pack")}
         data = NamesDataModule(path=str(names), block_size=s["block_size"])
-        encoded = encode_names(data.train_names, data.tokenizer, s["block_size"])
+        rows = data.split.rows("train", data.tokenizer, s["block_size"])
+        encoded = rows.cut(torch.arange(len(rows)))
         plain, lean = [], []
         for _ in range(rounds):
             lean.append(lightning_train(names, **config, steps=steps, pack=s.get("pack", False))[0])
@@ -237,7 +238,6 @@ def interleaved_round(names: Path, label: str) -> None:
     import lightning as L
 
     from microgpt.cli import main as cli_main
-    from microgpt.data import encode_names
     from microgpt.hooks import skip_idle_hooks
 
     config, extra, settings = GOALS[label][:3]
@@ -250,7 +250,8 @@ def interleaved_round(names: Path, label: str) -> None:
 
         def on_train_start(self, trainer, pl_module):
             dm = trainer.datamodule
-            encoded = encode_names(dm.train_names, dm.tokenizer, settings["block_size"])
+            rows = dm.split.rows("train", dm.tokenizer, settings["block_size"])
+            encoded = rows.cut(torch.arange(len(rows)))
             self.loop = PlainSteps(encoded, dm.tokenizer.vocab_size, **settings, n_head=4, steps=steps)
             self.mark = None
 

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
+from microgpt.batches import Batch
 from microgpt.checkpoint import FORMAT, FORMAT_KEY
-from microgpt.data import IGNORE_INDEX, Batch
 from microgpt.errors import UserError
 from microgpt.model import GPT, Ensemble
 from microgpt.optim import MuonWithAdamW
+from microgpt.rows import IGNORE_INDEX
 from microgpt.sample import load_members, load_model, sample_names
 from microgpt.tokenizer import CharTokenizer
 

@@ -306,8 +306,7 @@ def write_store(f: BinaryIO, source: Path, chars: str, scratch: Path) -> None:
         f.write(bytes(align8(HEADER_BYTES + num_tokens * dtype.itemsize) - HEADER_BYTES - num_tokens * dtype.itemsize))
         for part in (offsets, hashes):
             part.seek(0)
-            for block in blocks(part):
-                f.write(block)
+            f.writelines(blocks(part))
     vocab = chars.encode("utf-8")
     f.write(vocab)
     f.seek(0)

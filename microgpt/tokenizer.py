@@ -14,11 +14,6 @@ class CharTokenizer:
         self.vocab_size = len(chars) + 1
         self._ids = {c: i for i, c in enumerate(chars)}
 
-    @classmethod
-    def from_names(cls, names: list[str]) -> CharTokenizer:
-        """The vocabulary of ``names``: their characters, sorted."""
-        return cls("".join(sorted(set("".join(names)))))
-
     def unknown(self, text: str) -> list[str]:
         """The characters of ``text`` outside the vocabulary, in order of first appearance."""
         return list(dict.fromkeys(c for c in text if c not in self._ids))

@@ -81,7 +81,7 @@ class RecordRun(L.Callback):
             record = {"world_size": trainer.world_size, "names": self.names, "losses": self.losses,
                       "val_losses": self.val_losses, "node_rank": trainer.node_rank,
                       "collectives": self.collectives, "logging_steps": self.logging_steps,
-                      "store": str(trainer.datamodule.store_path), "maps_store": maps(trainer.datamodule.store_path)}
+                      "store": str(trainer.datamodule.split.store_path), "maps_store": maps(trainer.datamodule.split.store_path)}
             Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT
+from names_reference import split_names
 
 from microgpt.cli import main
-from microgpt.data import IGNORE_INDEX, NamesDataModule
+from microgpt.data import NamesDataModule
 from microgpt.module import MicroGPT
+from microgpt.rows import IGNORE_INDEX
 
 
 class MeanOfMeans(MicroGPT):
@@ -90,7 +92,7 @@ def fit_tiny(tiny_names, root, steps: int, ckpt_path=None) -> RecordSteps:
     record = RecordSteps()
     cli.trainer.callbacks.append(record)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    record.order = cli.datamodule.train_names
+    record.order = split_names(cli.datamodule)["train"]
     return record
 
 

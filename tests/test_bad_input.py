@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import error_line
+from names_reference import split_names
 
 from microgpt.cli import main
 from microgpt.errors import UserError
@@ -96,7 +97,7 @@ def test_a_file_of_a_single_name_trains_with_val_size_zero(tmp_path, capsys):
 
     cli = main(fit_args(names, tmp_path, "--data.val_size", "0"))
     assert cli.trainer.global_step == 2
-    assert cli.datamodule.train_names == ["zoë"] and cli.datamodule.val_names == []
+    assert split_names(cli.datamodule)["train"] == ["zoë"] and split_names(cli.datamodule)["val"] == []
     out = capsys.readouterr().out
     samples = re.findall(r"^sample +\d+: (.*)$", out, flags=re.MULTILINE)
     assert len(samples) == 20 and all(set(s) <= set("zoë") for s in samples)
@@ -112,7 +113,7 @@ def test_unusual_but_valid_lines_are_read_and_trained_on(tmp_path, capsys):
         warnings.simplefilter("always")
         cli = main(fit_args(names, tmp_path, "--model.block_size", "6"))
     dm = cli.datamodule
-    assert sorted(dm.names) == sorted(expected)
+    assert sorted(split_names(dm)["all"]) == sorted(expected)
     assert dm.vocab == "".join(sorted(set("".join(expected))))  # characters, not bytes
     assert "🙂" in dm.vocab and "山" in dm.vocab and "\ufeff" not in dm.vocab and "\r" not in dm.vocab
 

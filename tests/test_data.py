@@ -6,29 +6,33 @@ import subprocess
 import sys
 import zipfile
 
+import torch
 from conftest import ROOT
+from names_reference import rows_of, split_names
 
-from microgpt.data import IGNORE_INDEX, NamesDataModule, encode_names, read_names
+from microgpt.data import NamesDataModule
+from microgpt.rows import IGNORE_INDEX
 from microgpt.tokenizer import CharTokenizer
 
 
-def test_read_names_strips_and_drops_blank_lines(tmp_path):
+def test_names_file_lines_are_stripped_and_blank_ones_dropped(tmp_path):
     path = tmp_path / "n.txt"
     path.write_bytes(b"  anna \r\n\r\nbob\n\t\ncarla")
-    assert read_names(path) == ["anna", "bob", "carla"]
+    dm = NamesDataModule(path=str(path), val_size=1, cache_dir=str(tmp_path / "cache"))
+    assert sorted(split_names(dm)["all"]) == ["anna", "bob", "carla"]
+    assert dm.vocab == "abclnor"  # the file's characters, sorted
 
 
-def test_vocabulary_is_sorted_characters_plus_bos():
-    tok = CharTokenizer.from_names(["cab", "bad"])
-    assert tok.chars == "abcd"
+def test_vocabulary_is_the_characters_plus_bos():
+    tok = CharTokenizer("abcd")
     assert tok.bos == 4 and tok.vocab_size == 5
     assert tok.encode("dab") == [3, 0, 1]
     assert tok.decode([3, 0, 4, 1]) == "dab"
 
 
-def test_names_become_bos_chars_bos_cut_to_block_size_plus_one():
+def test_names_become_bos_chars_bos_cut_to_block_size_plus_one(tmp_path):
     tok = CharTokenizer("abcdefgh")
-    enc = encode_names(["ab", "abcdefgh"], tok, block_size=4)
+    enc = rows_of(["ab", "abcdefgh"], tok, 4, tmp_path).cut(torch.tensor([0, 1]))
     B = tok.bos
     assert enc["lengths"].tolist() == [3, 4]
     assert enc["inputs"].tolist() == [[B, 0, 1, B], [B, 0, 1, 2]]
@@ -44,8 +48,8 @@ def test_split_and_training_order_follow_the_seed_shuffle(tmp_path):
     expected = list(names)
     random.seed(7)
     random.shuffle(expected)
-    assert dm.val_names == expected[-10:]
-    assert dm.train_names == expected[:-10]
+    assert split_names(dm)["val"] == expected[-10:]
+    assert split_names(dm)["train"] == expected[:-10]
 
     batches = list(dm.train_dataloader())
     assert len(batches) == 14  # ceil(40 / 3)
@@ -61,7 +65,7 @@ def test_batches_are_trimmed_and_right_padded(tiny_names):
     dm = NamesDataModule(path=str(tiny_names), batch_size=4, val_size=4)
     dm.setup("fit")
     inputs, targets, *_ = next(iter(dm.train_dataloader()))
-    names = dm.train_names[:4]
+    names = split_names(dm)["train"][:4]
     assert inputs.shape[1] == max(len(n) + 1 for n in names)
     for name, row in zip(names, targets):
         assert (row != IGNORE_INDEX).sum().item() == len(name) + 1
@@ -75,7 +79,7 @@ def test_bundled_names_are_makemores_file(names_file):
 def test_default_path_is_the_bundled_file_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     dm = NamesDataModule()
-    assert len(dm.names) == 32033 and not any(tmp_path.iterdir())
+    assert len(split_names(dm)["all"]) == 32033 and not any(tmp_path.iterdir())
 
 
 def test_wheel_ships_the_names_and_their_notice(tmp_path):
@@ -90,6 +94,7 @@ def test_wheel_ships_the_names_and_their_notice(tmp_path):
 
 def test_real_file_split(names_file):
     dm = NamesDataModule(path=str(names_file))
-    assert len(dm.names) == 32033  # 32,032 newlines; the last name has none
-    assert len(dm.val_names) == 1000 and len(dm.train_names) == 31033
+    names = split_names(dm)
+    assert len(names["all"]) == 32033  # 32,032 newlines; the last name has none
+    assert len(names["val"]) == 1000 and len(names["train"]) == 31033
     assert dm.vocab == "abcdefghijklmnopqrstuvwxyz"

@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 from conftest import error_line
+from names_reference import split_names
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from microgpt.checkpoint import FORMAT, FORMAT_KEY, atomic_torch_save, find_checkpoint, load_checkpoint
@@ -124,7 +125,7 @@ def test_runs_started_together_in_one_folder_each_get_their_own(runs):
     assert [f.name for f in folders] == [f"version_{n}" for n in range(5)]
     data = NamesDataModule(path=str(runs["names"]), val_size=4, block_size=8, seed=42)
     data.setup("fit")
-    val_names = data.val_names
+    val_names = split_names(data)["val"]
     weights = torch.tensor([min(len(name) + 1, 8) for name in val_names], dtype=torch.float64)
     seeds, finals = [], []
     for folder in folders:

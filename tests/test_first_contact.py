@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import error_line
+from names_reference import split_names
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from microgpt.data import IGNORE_INDEX, NamesDataModule
+from microgpt.data import NamesDataModule
+from microgpt.rows import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHED = str(ROOT / "configs" / "names-batched.yaml")
@@ -69,7 +71,7 @@ def run_dir(tmp_path_factory):
     """names-batched on a small file for 8 steps, validating every 2, logging every step, with its default logger."""
     tmp = tmp_path_factory.mktemp("first")
     names = tmp / "names.txt"
-    names.write_text("\n".join(NamesDataModule().names[:400]) + "\n")
+    names.write_text("\n".join(split_names(NamesDataModule())["all"][:400]) + "\n")
     result = run("fit", "--config", BATCHED, "--data.path", names, "--data.val_size", 40, "--data.test_size", 40,
                  "--model.n_embd", 16, "--model.n_layer", 1, "--trainer.max_steps", 8,
                  "--trainer.val_check_interval", 2, "--trainer.log_every_n_steps", 1,
@@ -121,7 +123,7 @@ def test_throughput_counts_every_batch_between_logging_steps(tiny_names, monkeyp
     names = tiny_names.read_text().split()
     data = NamesDataModule(path=str(tiny_names), block_size=8, batch_size=3, val_size=2, pack=pack)
     data.setup("fit")
-    train = data.train_names
+    train = split_names(data)["train"]
     logged = []
     logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
     trainer = SimpleNamespace(loggers=[logger], log_every_n_steps=10, global_step=0, is_global_zero=True,
@@ -240,7 +242,7 @@ def test_score_names_averages_to_the_test_loss(run_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     test_loss = float(re.search(r"test/loss[\s│|]+(\d+\.\d+)", result.stdout).group(1))
     gpt, tokenizer = load_model(tmp / "root" / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt")
-    test_names = NamesDataModule(path=str(names), block_size=16, val_size=40, test_size=40).test_names
+    test_names = split_names(NamesDataModule(path=str(names), block_size=16, val_size=40, test_size=40))["test"]
     scores = score_names(gpt, tokenizer, test_names)
     chars = [min(len(name) + 1, 16) for name in test_names]
     assert sum(s * n for s, n in zip(scores, chars)) / sum(chars) == pytest.approx(test_loss, abs=1e-4)

@@ -5,9 +5,10 @@ import math
 import lightning as L
 import pytest
 import torch
+from names_reference import padded_rows
 
 from microgpt.callbacks import novelty
-from microgpt.data import NamesDataModule, encode_names
+from microgpt.data import NamesDataModule
 from microgpt.errors import UserError
 from microgpt.module import MicroGPT, lr_factor
 
@@ -33,8 +34,8 @@ def nll_by_hand(model, name):
 def test_one_name_scores_the_same_alone_and_inside_a_padded_batch():
     model = trained_looking_model().double()  # float64: only a masking error could show, not GEMM rounding
     tok = model.tokenizer
-    alone = encode_names(["ab"], tok, 6)
-    batch = encode_names(["ab", "abcdeab", "c"], tok, 6)
+    alone = padded_rows(["ab"], tok, 6)
+    batch = padded_rows(["ab", "abcdeab", "c"], tok, 6)
     T = int(alone["lengths"].max())
     with torch.no_grad():
         a = model.gpt(alone["inputs"][:, :T])[0]
@@ -47,7 +48,7 @@ def test_one_name_scores_the_same_alone_and_inside_a_padded_batch():
 def test_val_loss_weights_tokens_across_batches_and_derives_ppl_and_bpc():
     model = trained_looking_model()
     names = ["abcdea", "b", "cab", "d"]
-    dm_batches = [encode_names(names[:1], model.tokenizer, 6), encode_names(names[1:], model.tokenizer, 6)]
+    dm_batches = [padded_rows(names[:1], model.tokenizer, 6), padded_rows(names[1:], model.tokenizer, 6)]
     for i, enc in enumerate(dm_batches):  # two batches with 6 and 2+4+2 predicted tokens
         model.validation_step((enc["inputs"], enc["targets"]), i)
     logged = {}

@@ -5,11 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from names_reference import padded_batch, padded_rows, rows_of, split_names
 from test_fidelity import RecordLosses
 
+from microgpt.batches import first_fit, packed_batch
 from microgpt.cli import main
-from microgpt.data import IGNORE_INDEX, NamesDataModule, encode_names, first_fit, pack
+from microgpt.data import NamesDataModule
 from microgpt.model import GPT
+from microgpt.rows import IGNORE_INDEX
 from microgpt.tokenizer import CharTokenizer
 
 BATCHED = str(Path(__file__).resolve().parents[1] / "configs" / "names-batched.yaml")
@@ -31,22 +34,22 @@ def test_first_fit_places_the_longest_first_into_the_first_row_with_room():
     assert first_fit([3, 5, 2, 4, 1], capacity=6) == [(2, 0), (0, 0), (1, 4), (1, 0), (0, 5)]
 
 
-def test_packed_rows_hold_every_name_once_with_positions_restarting():
+def test_packed_rows_hold_every_name_once_with_positions_restarting(tmp_path):
     tok = CharTokenizer("abcd")
     B, X = tok.bos, IGNORE_INDEX
-    encoded = encode_names(["ab", "abcd", "a"], tok, block_size=6)  # 3, 5 and 2 positions
-    inputs, targets, positions = pack(encoded, torch.tensor([0, 1, 2]))
+    rows = rows_of(["ab", "abcd", "a"], tok, 6, tmp_path)  # 3, 5 and 2 positions
+    inputs, targets, positions, *_ = packed_batch(rows, torch.tensor([0, 1, 2]))
     # 5 -> row 0; 3 -> row 1; 2 -> row 1 after the 3 (row 0 has 1 slot left); spare slots: token 0, position 0
     assert inputs.tolist() == [[B, 0, 1, 2, 3, 0], [B, 0, 1, B, 0, 0]]
     assert targets.tolist() == [[0, 1, 2, 3, B, X], [0, 1, B, 0, B, X]]
     assert positions.tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 0, 1, 0]]
 
 
-def test_a_name_scores_the_same_alone_and_inside_a_packed_row():
+def test_a_name_scores_the_same_alone_and_inside_a_packed_row(tmp_path):
     tok = CharTokenizer("abcd")
     gpt = random_gpt(tok.vocab_size, n_embd=8, n_head=2, n_layer=2, block_size=6).double().eval()
-    encoded = encode_names(NAMES, tok, block_size=6)
-    inputs, targets, positions = pack(encoded, torch.arange(len(NAMES)))
+    encoded = padded_rows(NAMES, tok, block_size=6)
+    inputs, targets, positions, *_ = packed_batch(rows_of(NAMES, tok, 6, tmp_path), torch.arange(len(NAMES)))
     assert inputs.size(0) < len(NAMES)  # names really share rows
     with torch.no_grad():
         packed = gpt(inputs, positions=positions)
@@ -63,19 +66,18 @@ def test_a_name_scores_the_same_alone_and_inside_a_packed_row():
 def test_packed_batch_has_the_loss_and_gradients_of_the_padded_batch(names_file):
     dm = NamesDataModule(path=str(names_file), block_size=16, batch_size=64, val_size=1000, shuffle=True)
     dm.setup("fit")
-    idx = torch.randperm(len(dm.train_names), generator=torch.Generator().manual_seed(0))[:64]
-    in_memory = encode_names(dm.train_names, dm.tokenizer, 16)  # the padded rows, computed without the store
-    T = int(in_memory["lengths"][idx].max())
-    padded = in_memory["inputs"][idx, :T], in_memory["targets"][idx, :T]
-    packed = pack(dm.train_encoded, idx)
-    assert packed[0].numel() < 0.75 * padded[0].numel()
+    train = split_names(dm)["train"]
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:64]
+    padded = padded_batch([train[i] for i in idx], dm.tokenizer, 16)  # the padded rows, computed without the store
+    packed = packed_batch(dm.train_rows, idx)
+    assert packed.inputs.numel() < 0.75 * padded.inputs.numel()
     results = []
     for batch in (padded, packed):
         gpt = random_gpt(dm.tokenizer.vocab_size, seed=1, n_embd=32, n_head=4, n_layer=2, block_size=16)
         for p in gpt.parameters():
             p.data.mul_(0.1)
-        logits = gpt(batch[0], positions=batch[2] if len(batch) == 3 else None)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch[1].flatten(), ignore_index=IGNORE_INDEX)
+        logits = gpt(batch.inputs, positions=batch.positions)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
         loss.backward()
         results.append((loss.detach(), [p.grad for p in gpt.parameters()]))
     (loss_a, grads_a), (loss_b, grads_b) = results
