@@ -96,14 +96,15 @@ class TrainBatches(IterableDataset):
     set). A process of rank ``r`` out of ``W`` gets the ``r``-th of ``W`` equal slices of every global
     batch. Epoch ``e`` is global batches ``e*P .. e*P+P-1`` (``P = len(self)``), and an optimizer step
     takes ``accumulate`` of them, or the epoch's last few, as Lightning steps. Iterating yields the
-    batches of epoch ``epoch()`` not yet yielded, as ``Batch``es of padded rows (``padded_batch``) or,
-    with ``packed``, of packed rows (``packed_batch``). How far into which epoch the stream is, is the
-    state Lightning saves in a checkpoint and restores on resume (``state_dict``). With ``static``, every
-    batch has one shape, so that a compiled step compiles once: padded rows are ``block_size`` wide, and
-    packed batches get empty rows up to a multiple of ``rows``.
+    batches of epoch ``current_epoch()`` not yet yielded, as ``Batch``es of padded rows (``padded_batch``)
+    or, with ``packed``, of packed rows (``packed_batch``). How far into which epoch the stream is, is the
+    state Lightning saves in a checkpoint and restores on resume (``state_dict``), so a resumed run goes
+    on with the very next batch. With ``static``, every batch has one shape, so that a compiled step
+    compiles once: padded rows are ``block_size`` wide, and packed batches get empty rows up to a multiple
+    of ``row_multiple``.
     """
 
-    def __init__(self, rows: NameRows, batch_size: int, epoch: Callable[[], int] = lambda: 0,
+    def __init__(self, rows: NameRows, batch_size: int, current_epoch: Callable[[], int] = lambda: 0,
                  shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1, packed: bool = False,
                  accumulate: int = 1, static: bool = False, row_multiple: int = 1):
         self.rows = rows
@@ -111,7 +112,7 @@ class TrainBatches(IterableDataset):
         self.packed = packed
         self.num_names = len(rows)
         self.batch_size = batch_size
-        self.epoch = epoch
+        self.current_epoch = current_epoch
         self.shuffle = shuffle
         self.seed = seed
         self.rank, self.world_size = rank, world_size
@@ -171,7 +172,7 @@ class TrainBatches(IterableDataset):
         return total
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch = self.epoch()
+        epoch = self.current_epoch()
         start = self.done[1] if self.done[0] == epoch else 0
         for i in range(start, self.batches_per_epoch):
             k = epoch * self.batches_per_epoch + i

@@ -163,6 +163,7 @@ class NamesDataModule(L.LightningDataModule):
             self.test_rows = self.split.rows("test", tokenizer, self.block_size)
 
     def current_epoch(self) -> int:
+        """The trainer's epoch, which the training batches are cut for (0 without a trainer)."""
         return self.trainer.current_epoch if self.trainer else 0
 
     # The loaders are the batch iterables themselves: Lightning takes any iterable, and the batches are made

@@ -117,7 +117,7 @@ def test_batches_are_the_names_of_the_seeded_order_cut_into_rows(tmp_path, monke
         assert len(batches) == 23  # ceil(133 / 6)
         got = []
         for epoch in range(3):
-            batches.epoch = lambda e=epoch: e
+            batches.current_epoch = lambda e=epoch: e
             got += list(batches)
         resumed = TrainBatches(dm.train_rows, 6, lambda: 1, rank=rank, world_size=world_size, **kw)
         resumed.load_state_dict({"epoch": 1, "batches_done": 14})
