@@ -12,11 +12,6 @@ from microgpt.store import ensure_store
 from microgpt.tokenizer import CharTokenizer
 
 
-def vocabulary(names: list[str]) -> CharTokenizer:
-    """The vocabulary of ``names``: their characters, sorted."""
-    return CharTokenizer("".join(sorted(set("".join(names)))))
-
-
 def row_tokens(name: str, tokenizer: CharTokenizer, block_size: int) -> list[int]:
     """``[BOS] + characters + [BOS]``, cut to ``block_size + 1`` tokens."""
     return ([tokenizer.bos] + tokenizer.encode(name) + [tokenizer.bos])[: block_size + 1]
