@@ -2,9 +2,9 @@
 error reported as what it is, in one line.
 
 One batch of runs is started at once (subprocesses, one thread each): two fits with seeds 1 and 2 and a
-2-process DDP fit with seed 3 in one shared root, a fit of seed 2 whose second checkpoint write stalls half-way and is
-killed, and a fit whose disk (a 600 KB tmpfs) fills up after its first checkpoint; where this process may
-not mount one, an injected ENOSPC stands in. The tests below read what these runs left behind.
+2-process DDP fit with seed 3 in one shared root, a fit of seed 2 whose second checkpoint write stalls
+half-way and is killed, and a fit whose disk (a 600 KB tmpfs) fills up after its first checkpoint; where
+this process may not mount one, an injected ENOSPC stands in. The tests below read what these runs left behind.
 """
 
 import errno

@@ -117,7 +117,8 @@ def interrupted(tmp_path_factory) -> dict:
 
 
 def test_killed_and_signalled_runs_resume_to_the_same_weights_losses_and_samples(interrupted):
-    """SIGKILL after a periodic checkpoint, then SIGTERM, then Ctrl-C, each followed by ``--ckpt_path last``."""
+    """SIGKILL after a periodic checkpoint, then SIGTERM, then Ctrl-C, each followed by ``--ckpt_path last``: the
+    weights being trained, every step's loss and the samples are the straight run's."""
     logs = interrupted["logs"]
     assert interrupted["killed"].returncode == -signal.SIGKILL
     killed_at = ckpt_step(logs / "version_0" / "checkpoints" / "last.ckpt")

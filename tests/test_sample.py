@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
+from sampling_reference import drawn_by_hand
 
 from microgpt.callbacks import SampleNames
 from microgpt.cli import main
@@ -107,35 +108,6 @@ def sample_cmd(*args):
                           text=True, env=env, timeout=120)
 
 
-def drawn_by_hand(ckpt, num_samples, temperature, top_k, prefix, seed):
-    """Names drawn here from the checkpoint's weights, as the sample command describes its draw: all names at
-    once, one ``torch.multinomial`` over every row per new character (the model's full forward pass over the
-    last block_size characters, no cache), among the ``top_k`` likeliest, until every name has ended or
-    block_size characters were added."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    sizes = state["hyper_parameters"]
-    vocab = sizes["vocab"]
-    bos, block = len(vocab), sizes["block_size"]
-    gpt = GPT(vocab_size=len(vocab) + 1, n_embd=sizes["n_embd"], n_head=sizes["n_head"], n_layer=sizes["n_layer"],
-              block_size=block).eval()
-    gpt.load_state_dict({k.removeprefix("gpt."): v for k, v in state["state_dict"].items()})
-    generator = torch.Generator().manual_seed(seed)
-    rows = [[bos, *(vocab.index(c) for c in prefix)] for _ in range(num_samples)]
-    new = [[] for _ in range(num_samples)]
-    with torch.no_grad():
-        for _ in range(block):
-            logits = gpt(torch.tensor([row[-block:] for row in rows]))[:, -1] / temperature
-            outside = torch.ones_like(logits, dtype=torch.bool).scatter(1, logits.topk(top_k).indices, False)
-            probs = F.softmax(logits.masked_fill(outside, float("-inf")), -1)
-            for row, added, token in zip(rows, new, torch.multinomial(probs, 1, generator=generator)[:, 0].tolist()):
-                row.append(token)
-                added.append(token)
-            if all(bos in added for added in new):
-                break
-    ends = [added.index(bos) if bos in added else len(added) for added in new]
-    return [prefix + "".join(vocab[t] for t in added[:end]) for added, end in zip(new, ends)]
-
-
 def test_sample_command_prints_reproducible_prefixed_names(checkpoint, tmp_path, capsys):
     """A fresh ``python -m microgpt sample`` process writes the file; the same options in this process print
     the same names; both are the names drawn here by hand."""
@@ -150,7 +122,7 @@ def test_sample_command_prints_reproducible_prefixed_names(checkpoint, tmp_path,
     assert len(names) == 30 and all(n.startswith("ma") for n in names)
     sample(["--ckpt_path", str(ckpt), "--num_samples", "30", "--prefix", "ma", "--seed", "5", "--top_k", "4"])
     assert capsys.readouterr().out.splitlines() == names
-    assert names == drawn_by_hand(ckpt, 30, 0.5, 4, "ma", 5)
+    assert names == drawn_by_hand(ckpt, 30, temperature=0.5, top_k=4, prefix="ma", seed=5)
     assert len(set(names)) > 1 and any(len(n) < 8 for n in names)  # not all alike, and some ended early
 
 
