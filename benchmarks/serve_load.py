@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIXES = ["", "", "a", "ma", "jo", "el", "k", "sa", "b", "li"]
@@ -27,8 +28,17 @@ TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def session_processes(sid: int) -> list[tuple[int, float, int]]:
-    """(pid, CPU seconds, resident bytes) of every process of session ``sid``."""
+class SessionProcess(NamedTuple):
+    """One process of a session, as ``/proc/PID/stat`` shows it."""
+
+    pid: int
+    state: str  # R, S, D, ...; Z: it has ended and its parent has not yet collected it
+    cpu_seconds: float
+    rss_bytes: int
+
+
+def session_processes(sid: int) -> list[SessionProcess]:
+    """Every process of session ``sid`` (a server started in a new session, and all it started)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -37,18 +47,19 @@ def session_processes(sid: int) -> list[tuple[int, float, int]]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2:].split()  # fields: state, ppid, pgrp, session, ...
         if int(fields[3]) == sid:
-            found.append((int(entry.name), (int(fields[11]) + int(fields[12])) / TICKS, int(fields[21]) * PAGE))
+            found.append(SessionProcess(int(entry.name), fields[0], (int(fields[11]) + int(fields[12])) / TICKS,
+                                        int(fields[21]) * PAGE))
     return found
 
 
 def server_cpu(sid: int) -> float:
-    return sum(cpu for _, cpu, _ in session_processes(sid))
+    return sum(p.cpu_seconds for p in session_processes(sid))
 
 
 def server_rss(sid: int) -> int:
-    return sum(rss for _, _, rss in session_processes(sid))
+    return sum(p.rss_bytes for p in session_processes(sid))
 
 
 def start_server(ckpt: str, root_dir: str, port: int, max_batch_size: int, batch_timeout: float) -> tuple:

@@ -1,3 +1,4 @@
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -7,6 +8,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# One thread per process, here and in every process a test starts (they inherit the variable): the tests' models
+# are tiny, and on a few cores shared with those processes torch's default of a thread per core is several times
+# slower. The numbers a test compares come from runs that all use the same number of threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session", autouse=True)

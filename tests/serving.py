@@ -14,6 +14,9 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from serve_load import session_processes  # the benchmark reads the same processes
 
 
 def free_port() -> int:
@@ -27,20 +30,10 @@ def serve_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), **extra}
 
 
-def session_processes(sid: int) -> list[int]:
-    """The live processes of session ``sid`` (the server, started in a new session, and all it started)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] != "Z":  # fields: state, ppid, pgrp, session
-            found.append(int(entry.name))
-    return found
+def live_session_processes(sid: int) -> list[int]:
+    """The pids of the live processes of session ``sid`` (the server, started in a new session, and all it
+    started); ended ones not yet collected by their parent do not count."""
+    return [p.pid for p in session_processes(sid) if p.state != "Z"]
 
 
 class Server:
@@ -80,7 +73,7 @@ class Server:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 pass
-        for pid in session_processes(self.proc.pid):
+        for pid in live_session_processes(self.proc.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -1,14 +1,10 @@
 """Gradient accumulation: N micro-batches make the same update as one batch holding all their names."""
 
 import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
-import torch
 import torch.nn.functional as F
 from conftest import ROOT
 from names_reference import split_names
@@ -112,34 +108,7 @@ def test_accumulating_over_epochs_trains_every_name_in_order_and_resumes_in_plac
     assert first.names + resumed.names == whole.names
 
 
-def test_two_processes_accumulating_update_like_one_process_with_the_whole_batch(tmp_path):
-    """DDP on CPU, 2 processes x 2 micro-batches of 4 names: each optimizer step sees names 8k..8k+7, as one
-    process with batches of 8 does; the global token count scales the summed gradients on both."""
-
-
-
-    names = tmp_path / "names.txt"
-    names.write_text("\n".join(a + b for a in ("ka", "lo", "mi", "ne", "su", "ta")
-                               for b in ("ra", "li", "no", "bel", "x", "dana")) + "\n")
-
-    def args(root: str, batch_size: int, accumulate: int) -> list[str]:
-        return ["--config", str(ROOT / "configs" / "names-batched.yaml"), "--data.path", str(names),
-                "--data.val_size", "4", "--data.test_size", "0", "--data.batch_size", str(batch_size),
-                "--trainer.accumulate_grad_batches", str(accumulate), "--trainer.max_steps", "3",
-                "--trainer.accelerator", "cpu", "--trainer.precision", "64-true",  # as above: Adam magnifies float32
-                "--trainer.logger", "false", "--trainer.enable_progress_bar",
-                "false", "--trainer.default_root_dir", str(tmp_path / root)]
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ddp = subprocess.run([sys.executable, "-m", "microgpt", "fit", *args("ddp", 4, 2), "--trainer.devices", "2",
-                          "--trainer.strategy", "ddp"], capture_output=True, text=True, env=env, timeout=300,
-                         check=False)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = main(["fit", *args("single", 8, 1)]).model.state_dict()
-    trained = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert trained["global_step"] == 3
-    for key, value in single.items():
-        torch.testing.assert_close(trained["state_dict"][key], value, rtol=0, atol=1e-9)
+# Two processes accumulating: tests/test_finetune.py's 2-process run checks them with its fine-tuning start.
 
 
 class ListLogger(L.pytorch.loggers.Logger):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import error_line
 
 from microgpt.cli import main
 from microgpt.module import MicroGPT
@@ -97,12 +98,10 @@ def test_print_config_shows_the_recipe(capsys):
     assert "block_size" not in config["data"]  # linked from --model.block_size
 
 
-def test_missing_data_file_is_one_line_and_exit_code_2(tmp_path):
-    result = microgpt("fit", "--config", CONFIG, "--data.path", tmp_path / "nope.txt",
-                      "--trainer.default_root_dir", tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"microgpt: error: {tmp_path / 'nope.txt'}: no such file."
-    assert "Traceback" not in result.stderr
+def test_missing_data_file_is_one_line_and_exit_code_2(tmp_path, capsys):
+    line = error_line(["fit", "--config", CONFIG, "--data.path", str(tmp_path / "nope.txt"),
+                       "--trainer.default_root_dir", str(tmp_path)], capsys)
+    assert line == f"microgpt: error: {tmp_path / 'nope.txt'}: no such file."
 
 
 def test_test_path_with_characters_outside_the_checkpoint_vocabulary_is_one_line(fitted, tmp_path, capsys):

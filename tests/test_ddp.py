@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from ddp_probe import RecordRun
+from sampling_reference import drawn_by_hand
 
 from microgpt.cli import main
 from microgpt.module import MicroGPT
@@ -194,15 +195,13 @@ def test_predict_on_two_processes_writes_every_name_once_in_one_file(runs, predi
     names = Path(lines[0][1]).read_text().splitlines()
     assert len(names) == 5 and list(tmp.rglob("predictions*.txt")) == [Path(lines[0][1])]
     # each process draws its own share with its own generator, seeded from the run's seed (42), its rank and
-    # the chunk: the same draws made here from the checkpoint, one process at a time
+    # the chunk: the same draws made here by hand from the checkpoint, one process at a time
     from microgpt.data import chunk_seed
 
-    model = MicroGPT.load_from_checkpoint(runs["ckpt"], map_location="cpu").eval()
     expected = []
     for rank, chunks in ((0, (2, 1)), (1, (2,))):
         for i, n in enumerate(chunks):
-            generator = torch.Generator().manual_seed(chunk_seed(42, rank, i))
-            expected += model.sample(n, temperature=0.5, generator=generator)
+            expected += drawn_by_hand(runs["ckpt"], n, temperature=0.5, seed=chunk_seed(42, rank, i))
     assert names == expected
 
 

@@ -1,10 +1,10 @@
 """Faults lose nothing: runs started together in one folder, a full disk, a save killed half-way, and every
 error reported as what it is, in one line.
 
-One batch of runs is started at once (subprocesses, one thread each): four fits with seeds 1-4 and a
-2-process DDP fit in one shared root, a fit of seed 2 whose second checkpoint write stalls half-way and is
-killed, and a fit whose disk (a 600 KB tmpfs) fills up after its first checkpoint; where this process may
-not mount one, an injected ENOSPC stands in. The tests below read what these runs left behind.
+One batch of runs is started at once (subprocesses, one thread each): two fits with seeds 1 and 2 and a
+2-process DDP fit with seed 3 in one shared root, a fit of seed 2 whose second checkpoint write stalls
+half-way and is killed, and a fit whose disk (a 600 KB tmpfs) fills up after its first checkpoint; where
+this process may not mount one, an injected ENOSPC stands in. The tests below read what these runs left behind.
 """
 
 import errno
@@ -89,8 +89,8 @@ def runs(tmp_path_factory, disk):
     marker = tmp / "halfway"
     slow = {"class_path": "fault_probe.SlowCheckpointIO", "init_args": {"slow_from": 2, "marker": str(marker)}}
     fill = {"class_path": "fault_probe.FillDisk", "init_args": {"folder": str(disk), "at_step": EVERY + 1}}
-    procs = {seed: start(fit_args(names, shared, seed)) for seed in (1, 2, 3, 4)}
-    procs["ddp"] = start(fit_args(names, shared, 5, [], "--data.batch_size", "2", "--trainer.accelerator", "cpu",
+    procs = {seed: start(fit_args(names, shared, seed)) for seed in (1, 2)}
+    procs["ddp"] = start(fit_args(names, shared, 3, [], "--data.batch_size", "2", "--trainer.accelerator", "cpu",
                                   "--trainer.devices", "2", "--trainer.strategy", "ddp"))
     procs["killed"] = start(fit_args(names, killed, 2, [], "--trainer.plugins", json.dumps(slow)))
     if disk is not None:  # never fill a disk that is not the test's own
@@ -112,17 +112,17 @@ def runs(tmp_path_factory, disk):
 
 
 def test_runs_started_together_in_one_folder_each_get_their_own(runs):
-    """4 fits and a 2-process DDP fit started at once: 5 folders, each with its own run's config,
+    """2 fits and a 2-process DDP fit started at once: 3 folders, each with its own run's config,
     checkpoint and curves. A curve ends at its own checkpoint's val/loss (scored here name by name) and
     starts at its own seed's first loss (computed here, alone)."""
     from microgpt.data import NamesDataModule
     from microgpt.sample import load_model, score_names
 
-    for key in (1, 2, 3, 4, "ddp"):
+    for key in (1, 2, "ddp"):
         assert runs["results"][key].returncode == 0, runs["results"][key].stderr[-3000:]
     logs = runs["shared"] / "lightning_logs"
     folders = sorted(logs.iterdir())
-    assert [f.name for f in folders] == [f"version_{n}" for n in range(5)]
+    assert [f.name for f in folders] == [f"version_{n}" for n in range(3)]
     data = NamesDataModule(path=str(runs["names"]), val_size=4, block_size=8, seed=42)
     data.setup("fit")
     val_names = split_names(data)["val"]
@@ -131,7 +131,7 @@ def test_runs_started_together_in_one_folder_each_get_their_own(runs):
     for folder in folders:
         config = yaml.safe_load((folder / "config.yaml").read_text())
         seeds.append(config["seed_everything"])
-        assert (str(config["trainer"]["devices"]) == "2") == (config["seed_everything"] == 5)
+        assert (str(config["trainer"]["devices"]) == "2") == (config["seed_everything"] == 3)
         checkpoint = load_checkpoint(folder / "checkpoints" / "last.ckpt")
         assert checkpoint["global_step"] == STEPS
         assert sorted(scalars(folder, "train/loss")) == list(range(STEPS))  # one run's steps, each once
@@ -140,10 +140,10 @@ def test_runs_started_together_in_one_folder_each_get_their_own(runs):
         final = scalars(folder, "val/loss")[STEPS]  # the validation after the last step
         assert final == pytest.approx(float((scored * weights).sum() / weights.sum()), abs=1e-5)
         finals.append(final)
-    assert sorted(seeds) == [1, 2, 3, 4, 5]
-    assert len(set(finals)) == 5
-    expected = {seed: first_loss(runs["names"], runs["tmp"] / f"alone-{seed}", seed) for seed in (1, 2, 3, 4)}
-    assert len(set(expected.values())) == 4
+    assert sorted(seeds) == [1, 2, 3]
+    assert len(set(finals)) == 3
+    expected = {seed: first_loss(runs["names"], runs["tmp"] / f"alone-{seed}", seed) for seed in (1, 2)}
+    assert len(set(expected.values())) == 2
     for seed, loss in expected.items():  # each curve starts at its own seed's first loss, computed here on its own
         assert scalars(runs["folders"][seed], "train/loss")[0] == pytest.approx(loss, abs=1e-6)
 
@@ -169,8 +169,7 @@ def test_a_save_killed_half_way_keeps_the_last_checkpoint_and_resumes_exactly(ru
     assert 0 < part[0].stat().st_size < last.stat().st_size  # killed in the middle of the write
     assert load_checkpoint(last)["global_step"] == EVERY
 
-    resumed = finish(start(fit_args(runs["names"], runs["killed"], 2, [], "--ckpt_path", "last")))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert main(fit_args(runs["names"], runs["killed"], 2, [], "--ckpt_path", "last")).trainer.global_step == STEPS
     expected = torch.load(runs["folders"][2] / "checkpoints" / "last.ckpt", weights_only=True)
     actual = torch.load(runs["killed"] / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt",
                         weights_only=True)

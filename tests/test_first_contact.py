@@ -15,6 +15,7 @@ from conftest import error_line
 from names_reference import split_names
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from microgpt.cli import main
 from microgpt.data import NamesDataModule
 from microgpt.rows import IGNORE_INDEX
 
@@ -29,12 +30,6 @@ def run(*args, cwd=None, code=None):
     command = ["-c", code] if code else ["-m", "microgpt", *map(str, args)]
     return subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=cwd, env=env, timeout=240,
                           check=False)
-
-
-def error_lines(result) -> list[str]:
-    """The command failed with exit status 2 and said why without a traceback; its ``microgpt`` lines."""
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    return [line for line in result.stderr.splitlines() if line.startswith("microgpt")]
 
 
 def modules_after(argv: list[str]) -> set[str]:
@@ -60,10 +55,12 @@ def test_the_overview_names_every_command_without_importing_torch(argv):
     assert not {"torch", "lightning"} & modules_after(argv)
 
 
-def test_subcommand_help_stays_lightnings_and_says_microgpt():
-    result = run("fit", "--help")
-    assert result.returncode == 0
-    assert "microgpt fit: train" in result.stdout and "--trainer.max_steps" in result.stdout
+def test_subcommand_help_stays_lightnings_and_says_microgpt(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "microgpt fit: train" in out and "--trainer.max_steps" in out
 
 
 @pytest.fixture(scope="module")
@@ -176,11 +173,12 @@ def test_a_checkpoint_from_before_best_ckpt_loads_samples_and_resumes(tmp_path):
     sampled = run("sample", "--ckpt_path", old, "--num_samples", 4, "--seed", 0)
     assert sampled.returncode == 0 and len(sampled.stdout.splitlines()) == 4, sampled.stderr
     shutil.copy(OLD_RUN / "old_names.txt", tmp_path / "names.txt")
-    resumed = run("fit", "--config", ROOT / "configs" / "names.yaml", "--data.path", tmp_path / "names.txt",
-                  "--data.val_size", 4, "--model.n_embd", 8, "--model.n_head", 2, "--trainer.max_steps", 9,
-                  "--ckpt_path", old, "--trainer.default_root_dir", tmp_path, "--trainer.enable_progress_bar", "false")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "final: step 9" in resumed.stdout + resumed.stderr
+    resumed = main(["fit", "--config", str(ROOT / "configs" / "names.yaml"), "--data.path", str(tmp_path / "names.txt"),
+                    "--data.val_size", "4", "--model.n_embd", "8", "--model.n_head", "2", "--trainer.max_steps", "9",
+                    "--ckpt_path", str(old), "--trainer.default_root_dir", str(tmp_path),
+                    "--trainer.enable_progress_bar", "false"])
+    assert resumed.trainer.global_step == 9
+    assert torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)["global_step"] == 9
 
 
 @pytest.mark.parametrize("command", ["validate", "test", "predict"])
@@ -195,7 +193,12 @@ def test_best_without_a_best_checkpoint_is_one_line(tmp_path, capsys):
     line = error_line(["test", "--config", str(ROOT / "configs" / "names.yaml"), "--ckpt_path", "best",
                        "--trainer.default_root_dir", str(tmp_path)], capsys)
     assert line.startswith("microgpt: error: --ckpt_path best: no best.ckpt under")
-    (line,) = error_lines(run("sample", "--ckpt_path", "best", "--root_dir", tmp_path))
+    from microgpt.sample import main as sample
+
+    with pytest.raises(SystemExit) as stop:
+        sample(["--ckpt_path", "best", "--root_dir", str(tmp_path)])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("microgpt sample: error: --ckpt_path best: no best.ckpt under")
 
 
@@ -210,11 +213,10 @@ def test_a_log_path_that_is_a_file_is_one_line(tmp_path, capsys):
 
 def test_csv_logger_still_available(tmp_path):
     """``--trainer.logger CSVLogger`` switches the curves to a metrics.csv."""
-    result = run("fit", "--config", ROOT / "configs" / "names.yaml", "--trainer.max_steps", 3,
-                 "--trainer.val_check_interval", 3, "--trainer.log_every_n_steps", 1,
-                 "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", tmp_path,
-                 "--trainer.default_root_dir", tmp_path, "--trainer.enable_progress_bar", "false")
-    assert result.returncode == 0, result.stderr[-3000:]
+    main(["fit", "--config", str(ROOT / "configs" / "names.yaml"), "--trainer.max_steps", "3",
+          "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1",
+          "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
+          "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
     with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert any(row.get("val/loss") for row in rows) and any(row.get("train/tokens_per_sec") for row in rows)
@@ -236,11 +238,10 @@ def test_score_names_averages_to_the_test_loss(run_dir):
     tmp, names, _ = run_dir
     from microgpt.sample import load_model, score_names
 
-    result = run("test", "--config", BATCHED, "--data.path", names, "--data.val_size", 40, "--data.test_size", 40,
-                 "--ckpt_path", "best", "--trainer.default_root_dir", tmp / "root", "--trainer.logger", "false",
-                 "--trainer.enable_progress_bar", "false", cwd=tmp)
-    assert result.returncode == 0, result.stderr[-3000:]
-    test_loss = float(re.search(r"test/loss[\s│|]+(\d+\.\d+)", result.stdout).group(1))
+    tested = main(["test", "--config", BATCHED, "--data.path", str(names), "--data.val_size", "40",
+                   "--data.test_size", "40", "--ckpt_path", "best", "--trainer.default_root_dir", str(tmp / "root"),
+                   "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+    test_loss = float(tested.trainer.callback_metrics["test/loss"])
     gpt, tokenizer = load_model(tmp / "root" / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt")
     test_names = split_names(NamesDataModule(path=str(names), block_size=16, val_size=40, test_size=40))["test"]
     scores = score_names(gpt, tokenizer, test_names)

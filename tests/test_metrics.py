@@ -5,12 +5,13 @@ import math
 import lightning as L
 import pytest
 import torch
-from names_reference import padded_rows
+from names_reference import padded_rows, split_names
 
 from microgpt.callbacks import novelty
 from microgpt.data import NamesDataModule
 from microgpt.errors import UserError
 from microgpt.module import MicroGPT, lr_factor
+from microgpt.tokenizer import CharTokenizer
 
 
 def trained_looking_model(vocab="abcde", seed=0, **kw):
@@ -103,16 +104,27 @@ def test_lr_schedule_warmup_cosine_and_floor():
 
 
 def test_shuffle_visits_every_name_once_per_pass_in_a_new_order(tmp_path):
+    """The names in the training batches themselves (decoded here): each pass over the stream holds every
+    training name of the file once, each pass in a new order, and the first epoch is the stream's start."""
+    names = [f"n{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(30)]
     path = tmp_path / "n.txt"
-    path.write_text("\n".join(f"n{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(30)))
+    path.write_text("\n".join(names))
     dm = NamesDataModule(path=str(path), batch_size=5, val_size=2, shuffle=True)
     dm.setup("fit")
+    tokenizer = CharTokenizer(dm.vocab)
     batches = dm.train_dataloader()
-    first = torch.cat([batches.global_names(k) for k in range(28 // 4)])[:28]
-    passes = torch.cat([batches.global_names(k) for k in range(12)])  # 60 positions: two passes and a bit
-    assert sorted(passes[:28].tolist()) == list(range(28)) == sorted(passes[28:56].tolist())
-    assert passes[:28].tolist() != passes[28:56].tolist() != list(range(28))
-    assert first.tolist() == passes[:28].tolist()
+
+    def decoded() -> list[str]:
+        return [tokenizer.decode(row.tolist()) for batch in batches for row in batch.inputs]
+
+    first_epoch = decoded()  # 28 training names in batches of 5: 6 batches, stream places 0-29
+    batches.current_epoch = lambda: 1
+    stream = first_epoch + decoded()  # places 30-59: two passes and a bit
+    split = split_names(dm)
+    assert len(first_epoch) == 30 and len(stream) == 60
+    train = set(names) - set(split["val"])
+    assert len(train) == 28 and sorted(stream[:28]) == sorted(train) == sorted(stream[28:56])
+    assert stream[:28] != stream[28:56] and stream[:28] != split["train"]  # reshuffled, and not the file's order
 
 
 def test_novelty_shares():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import error_line
 
 from microgpt.checkpoint import atomic_torch_save
 from microgpt.cli import main
@@ -80,30 +81,52 @@ def ckpt_step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
 
+NAMES = "anna\nbob\ncarla\ndave\neve\nfiona\ngreg\nhana\nivan\njulia\nkarl\nlena\nmona\nnils\nolga\npaul\nquinn\nrosa\n"
+
+
 @pytest.fixture
 def names(tmp_path) -> Path:
     path = tmp_path / "names.txt"
-    path.write_text("anna\nbob\ncarla\ndave\neve\nfiona\ngreg\nhana\nivan\njulia\n"
-                    "karl\nlena\nmona\nnils\nolga\npaul\nquinn\nrosa\n")
+    path.write_text(NAMES)
     return path
 
 
-def test_killed_and_signalled_runs_resume_to_the_same_weights_losses_and_samples(names, tmp_path):
-    """SIGKILL after a periodic checkpoint, then SIGTERM, then Ctrl-C, each followed by ``--ckpt_path last``."""
-    straight_run = subprocess.Popen(fit_command(names, tmp_path / "straight"), stdout=subprocess.PIPE,
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> dict:
+    """The recipe with a moving average of the weights (``microgpt.callbacks.EMA``, a Lightning
+    ``WeightAveraging``, as in ``names-best.yaml``), run twice at once: straight through, and SIGKILLed after a
+    periodic checkpoint, then SIGTERMed, then stopped by Ctrl-C, each followed by ``--ckpt_path last``."""
+    tmp = tmp_path_factory.mktemp("interrupted")
+    names = tmp / "names.txt"
+    names.write_text(NAMES)
+    callbacks = ["--trainer.callbacks", json.dumps([*CALLBACK_LIST, {"class_path": "microgpt.callbacks.EMA",
+                                                                      "init_args": {"decay": 0.9}}])]
+    straight_run = subprocess.Popen(fit_command(names, tmp / "straight", *callbacks), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env=ENV)  # alongside the interrupted one
-    reference = tmp_path / "straight" / "lightning_logs" / "version_0"
-
-    root = tmp_path / "interrupted"
+    root = tmp / "interrupted"
     logs = root / "lightning_logs"
-    killed = run_and_signal(fit_command(names, root), logs / "version_0", signal.SIGKILL)
-    assert killed.returncode == -signal.SIGKILL
+    killed = run_and_signal(fit_command(names, root, *callbacks), logs / "version_0", signal.SIGKILL)
+    stopped = [run_and_signal(fit_command(names, root, *callbacks, "--ckpt_path", "last"),
+                              logs / f"version_{version}", signum)
+               for version, signum in [(1, signal.SIGTERM), (2, signal.SIGINT)]]
+    resumed = run(fit_command(names, root, *callbacks, "--ckpt_path", "last"))
+    stdout, stderr = straight_run.communicate(timeout=240)
+    straight = subprocess.CompletedProcess(straight_run.args, straight_run.returncode, stdout, stderr)
+    return {"straight": straight, "killed": killed, "stopped": stopped, "resumed": resumed, "logs": logs,
+            "reference": tmp / "straight" / "lightning_logs" / "version_0"}
+
+
+def test_killed_and_signalled_runs_resume_to_the_same_weights_losses_and_samples(interrupted):
+    """SIGKILL after a periodic checkpoint, then SIGTERM, then Ctrl-C, each followed by ``--ckpt_path last``: the
+    weights being trained, every step's loss and the samples are the straight run's."""
+    logs = interrupted["logs"]
+    assert interrupted["killed"].returncode == -signal.SIGKILL
     killed_at = ckpt_step(logs / "version_0" / "checkpoints" / "last.ckpt")
     assert 0 < killed_at < STEPS
 
     stopped_at = []
-    for version, signum in [(1, signal.SIGTERM), (2, signal.SIGINT)]:
-        stopped = run_and_signal(fit_command(names, root, "--ckpt_path", "last"), logs / f"version_{version}", signum)
+    for version, signum, stopped in [(1, signal.SIGTERM, interrupted["stopped"][0]),
+                                     (2, signal.SIGINT, interrupted["stopped"][1])]:
         assert stopped.returncode == 128 + signum, stopped.stderr[-3000:]
         assert "Traceback" not in stopped.stderr
         last = logs / f"version_{version}" / "checkpoints" / "last.ckpt"
@@ -115,21 +138,18 @@ def test_killed_and_signalled_runs_resume_to_the_same_weights_losses_and_samples
         stopped_at.append(step)
     assert stopped_at[0] < stopped_at[1] < STEPS
 
-    resumed = run(fit_command(names, root, "--ckpt_path", "last"))
+    resumed, straight = interrupted["resumed"], interrupted["straight"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    stdout, stderr = straight_run.communicate(timeout=240)
-    straight = subprocess.CompletedProcess(straight_run.args, straight_run.returncode, stdout, stderr)
     assert straight.returncode == 0, straight.stderr[-3000:]
-
-    expected = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    expected = torch.load(interrupted["reference"] / "checkpoints" / "last.ckpt", weights_only=True)
     actual = torch.load(logs / "version_3" / "checkpoints" / "last.ckpt", weights_only=True)
     assert expected["global_step"] == actual["global_step"] == STEPS
-    assert_same_tensors(expected["state_dict"], actual["state_dict"])
+    assert_same_tensors(expected["current_model_state"], actual["current_model_state"], "the trained weights")
 
     pieced = {}
     for version in range(4):  # later runs repeat the steps after the checkpoint they resumed from
         pieced.update(losses(logs / f"version_{version}"))
-    reference_losses = losses(reference)
+    reference_losses = losses(interrupted["reference"])
     assert pieced == {step: reference_losses[step] for step in pieced}
     # SIGKILL may lose the killed run's last unflushed log lines; every later step was logged
     assert set(range(killed_at, STEPS)) <= pieced.keys() and len(reference_losses) == STEPS
@@ -138,32 +158,14 @@ def test_killed_and_signalled_runs_resume_to_the_same_weights_losses_and_samples
     assert len(samples(straight.stdout)) == 10
 
 
-def test_a_run_with_weight_averaging_resumes_to_the_same_average_and_weights(names, tmp_path):
-    """A run with a moving average of the weights (``microgpt.callbacks.EMA``, a Lightning ``WeightAveraging``,
-    as in ``names-best.yaml``): a stopped run continues both the trained weights and their average exactly."""
-    callbacks = json.dumps([*CALLBACK_LIST, {"class_path": "microgpt.callbacks.EMA", "init_args": {"decay": 0.9}}])
-    straight_run = subprocess.Popen(fit_command(names, tmp_path / "straight", "--trainer.callbacks", callbacks),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    logs = tmp_path / "interrupted" / "lightning_logs"
-    stopped = run_and_signal(fit_command(names, tmp_path / "interrupted", "--trainer.callbacks", callbacks),
-                             logs / "version_0", signal.SIGTERM)
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
-    assert 0 < ckpt_step(logs / "version_0" / "checkpoints" / "last.ckpt") < STEPS
-    resumed = run(fit_command(names, tmp_path / "interrupted", "--trainer.callbacks", callbacks,
-                              "--ckpt_path", "last"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight_stdout, straight_stderr = straight_run.communicate(timeout=240)
-    assert straight_run.returncode == 0, straight_stderr[-3000:]
-
-    expected = torch.load(tmp_path / "straight" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
-                          weights_only=True)
-    actual = torch.load(logs / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert expected["global_step"] == actual["global_step"] == STEPS
+def test_a_run_with_weight_averaging_resumes_to_the_same_average_and_weights(interrupted):
+    """The same runs: the stopped run continues both the trained weights and their average exactly."""
+    expected = torch.load(interrupted["reference"] / "checkpoints" / "last.ckpt", weights_only=True)
+    actual = torch.load(interrupted["logs"] / "version_3" / "checkpoints" / "last.ckpt", weights_only=True)
     for part in ("state_dict", "current_model_state"):  # the average, and the weights being trained
         assert_same_tensors(expected[part], actual[part], part)
     average, current = expected["state_dict"], expected["current_model_state"]
     assert not all(torch.equal(average[key], current[key]) for key in average)
-    assert samples(resumed.stdout) == samples(straight_stdout)
 
 
 def test_a_muon_run_resumes_to_the_same_weights_optimizer_state_and_losses(names, tmp_path):
@@ -313,17 +315,13 @@ def test_a_bad_checkpoint_is_one_line(checkpoint, tmp_path, capsys, make, proble
         assert capsys.readouterr().err.strip().splitlines()[-1] == f"microgpt: error: {bad}: {problem}"
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     names = tmp_path / "names.txt"
     names.write_text("anna\nbob\ncarla\ndave\neve\nfiona\n")
     callbacks = '[{"class_path": "microgpt.callbacks.RunCheckpoint", "init_args": {"every_n_train_steps": 1}}]'
-    result = run([sys.executable, "-m", "microgpt", "fit", "--config", CONFIG, "--data.path", str(names),
-                  "--data.val_size", "2", "--model.lr", "1e30", "--trainer.max_steps", "20",
-                  "--trainer.callbacks", callbacks, "--trainer.logger", "false",
-                  "--trainer.default_root_dir", str(tmp_path)])
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    message = result.stderr.strip().splitlines()[-1]
+    message = error_line(["fit", "--config", CONFIG, "--data.path", str(names), "--data.val_size", "2",
+                          "--model.lr", "1e30", "--trainer.max_steps", "20", "--trainer.callbacks", callbacks,
+                          "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)], capsys)
     found = re.fullmatch(r"microgpt: error: the training loss is (nan|inf) at step (\d+) \(lr ([^)]+)\); "
                          r"stopped without saving, so the last checkpoint is the last good one\.", message)
     assert found, message

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
+from sampling_reference import drawn_by_hand
 
 from microgpt.callbacks import SampleNames
 from microgpt.cli import main
@@ -107,7 +108,11 @@ def sample_cmd(*args):
                           text=True, env=env, timeout=120)
 
 
-def test_sample_command_prints_reproducible_prefixed_names(checkpoint, tmp_path):
+def test_sample_command_prints_reproducible_prefixed_names(checkpoint, tmp_path, capsys):
+    """A fresh ``python -m microgpt sample`` process writes the file; the same options in this process print
+    the same names; both are the names drawn here by hand."""
+    from microgpt.sample import main as sample
+
     _, _, ckpt = checkpoint
     out = tmp_path / "names.txt"
     result = sample_cmd("--ckpt_path", ckpt, "--num_samples", 30, "--prefix", "ma", "--seed", 5, "--top_k", 4,
@@ -115,11 +120,10 @@ def test_sample_command_prints_reproducible_prefixed_names(checkpoint, tmp_path)
     assert result.returncode == 0, result.stderr
     names = out.read_text().splitlines()
     assert len(names) == 30 and all(n.startswith("ma") for n in names)
-    again = sample_cmd("--ckpt_path", ckpt, "--num_samples", 30, "--prefix", "ma", "--seed", 5, "--top_k", 4)
-    assert again.stdout.splitlines() == names
-    model = MicroGPT.load_from_checkpoint(ckpt)
-    expected = model.sample(30, 0.5, 4, "ma", torch.Generator().manual_seed(5))
-    assert names == expected
+    sample(["--ckpt_path", str(ckpt), "--num_samples", "30", "--prefix", "ma", "--seed", "5", "--top_k", "4"])
+    assert capsys.readouterr().out.splitlines() == names
+    assert names == drawn_by_hand(ckpt, 30, temperature=0.5, top_k=4, prefix="ma", seed=5)
+    assert len(set(names)) > 1 and any(len(n) < 8 for n in names)  # not all alike, and some ended early
 
 
 @pytest.mark.parametrize("args,message", [
@@ -128,15 +132,19 @@ def test_sample_command_prints_reproducible_prefixed_names(checkpoint, tmp_path)
     (["--ckpt_path", "missing.ckpt"], "missing.ckpt: no such checkpoint file."),
     (["--ckpt_path", "NOT_A_CKPT"], "is not a checkpoint (not a file torch.save writes)."),
 ])
-def test_sample_command_errors_are_one_line(checkpoint, tmp_path, args, message):
+def test_sample_command_errors_are_one_line(checkpoint, tmp_path, capsys, args, message):
+    from microgpt.sample import main as sample
+
     _, _, ckpt = checkpoint
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"this is not a checkpoint")
     args = [str(junk) if a == "NOT_A_CKPT" else str(tmp_path / a) if a == "missing.ckpt" else a for a in args]
-    result = sample_cmd("--ckpt_path", ckpt, *args)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert message in result.stderr.strip().splitlines()[-1]
+    with pytest.raises(SystemExit) as stop:
+        sample(["--ckpt_path", str(ckpt), *args])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert message in err.strip().splitlines()[-1]
 
 
 def test_predict_writes_names_through_the_prediction_writer(checkpoint, capsys):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from serving import ROOT, Server, get, post, serve_env, session_processes
+from serving import ROOT, Server, get, live_session_processes, post, serve_env
 
 from microgpt.cli import main as cli_main
 from microgpt.sample import load_model, sample_names
@@ -306,14 +306,14 @@ def test_sigterm_and_ctrl_c_stop_the_servers_and_every_process_they_started(serv
     ``kill`` or a container stop sends it), the other by SIGINT to its whole process group (as Ctrl-C does)."""
     keyed, page = servers["keyed"], servers["page"]
     for server in (keyed, page):
-        assert len(session_processes(server.proc.pid)) >= 4  # itself, its HTTP process, two inference workers
+        assert len(live_session_processes(server.proc.pid)) >= 4  # itself, its HTTP process, two inference workers
     start = time.monotonic()
     keyed.proc.send_signal(signal.SIGTERM)
     os.killpg(page.proc.pid, signal.SIGINT)
     codes = [keyed.proc.wait(10), page.proc.wait(10)]
-    while any(session_processes(s.proc.pid) for s in (keyed, page)) and time.monotonic() - start < 5:
+    while any(live_session_processes(s.proc.pid) for s in (keyed, page)) and time.monotonic() - start < 5:
         time.sleep(0.05)
-    assert not any(session_processes(s.proc.pid) for s in (keyed, page)), "processes were left behind"
+    assert not any(live_session_processes(s.proc.pid) for s in (keyed, page)), "processes were left behind"
     assert time.monotonic() - start < 5
     assert codes == [0, 0]
     for server in (keyed, page):
