@@ -115,8 +115,8 @@ def test_throughput_counts_every_batch_between_logging_steps(tiny_names, monkeyp
     the names themselves, counted here from the names file."""
     from types import SimpleNamespace
 
-    from microgpt import callbacks
     from microgpt.callbacks import Throughput
+    from microgpt.callbacks import monitoring as callbacks
 
     names = tiny_names.read_text().split()
     data = NamesDataModule(path=str(tiny_names), block_size=8, batch_size=3, val_size=2, pack=pack)
