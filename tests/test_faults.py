@@ -115,7 +115,8 @@ def test_runs_started_together_in_one_folder_each_get_their_own(runs):
     checkpoint and curves. A curve ends at its own checkpoint's val/loss (scored here name by name) and
     starts at its own seed's first loss (computed here, alone)."""
     from microgpt.data import NamesDataModule
-    from microgpt.sample import load_model, score_names
+    from microgpt.loading import load_model
+    from microgpt.sample import score_names
 
     for key in (1, 2, 3, 4, "ddp"):
         assert runs["results"][key].returncode == 0, runs["results"][key].stderr[-3000:]

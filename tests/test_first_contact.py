@@ -232,7 +232,8 @@ def test_the_python_api_page_runs_as_written(run_dir):
 
 def test_score_names_averages_to_the_test_loss(run_dir):
     tmp, names, _ = run_dir
-    from microgpt.sample import load_model, score_names
+    from microgpt.loading import load_model
+    from microgpt.sample import score_names
 
     result = run("test", "--config", BATCHED, "--data.path", names, "--data.val_size", 40, "--data.test_size", 40,
                  "--ckpt_path", "best", "--trainer.default_root_dir", tmp / "root", "--trainer.logger", "false",

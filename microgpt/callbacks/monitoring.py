@@ -29,7 +29,7 @@ class LearningRateMonitor(lightning_callbacks.LearningRateMonitor):
 
 class ProgressBar(TQDMProgressBar):
     """Lightning's progress bar, redrawn at most ``refreshes_per_second`` times a second (and after the last
-    step) instead of after every step, which at batch 1 costs as much as a fifth of the step.
+    step) instead of after every step, which at batch 1 is a sizeable share of the step (``docs/speed.md``).
 
     Args:
         refreshes_per_second: How often the training bar may be redrawn.
