@@ -97,7 +97,8 @@ class RunCheckpoint(Checkpoint):
         never runs, so that flag stays down and the stop is agreed here instead, on logging steps. The
         broadcast is turned off for this run's loop only, and only where
         ``microgpt.lightning_checks.sigterm_broadcast_is_the_flag_alone`` finds it to be that broadcast and
-        nothing else; another Lightning keeps its own behaviour."""
+        nothing else (an answer that depends on the installed Lightning alone, so every process turns it off
+        or none does); another Lightning keeps its own behaviour."""
         if trainer.world_size < 2 or trainer.received_sigterm or not sigterm_broadcast_is_the_flag_alone():
             return
         loop = trainer.fit_loop.epoch_loop
