@@ -387,13 +387,13 @@ def test_sample_on_a_device_this_machine_lacks_is_one_line_naming_it(checkpoint,
 
 def test_sample_loads_on_the_cpu_and_moves_the_model(checkpoint, monkeypatch):
     """Whatever ``--device``, the file is read onto the CPU (a GPU-saved checkpoint loads anywhere)."""
-    from microgpt import sample
+    from microgpt import loading
 
     seen = []
-    real = sample.load_checkpoint
-    monkeypatch.setattr(sample, "load_checkpoint", lambda path, map_location: seen.append(map_location) or real(
+    real = loading.load_checkpoint
+    monkeypatch.setattr(loading, "load_checkpoint", lambda path, map_location: seen.append(map_location) or real(
         path, map_location))
-    gpt, _ = sample.load_model(checkpoint, "meta")
+    gpt, _ = loading.load_model(checkpoint, "meta")
     assert seen == ["cpu"] and next(gpt.parameters()).device.type == "meta"
 
 
