@@ -8,7 +8,8 @@
 * ``find_checkpoint`` finds the newest ``last.ckpt`` or ``best.ckpt`` of a root folder
   (``--ckpt_path last`` / ``best``).
 
-The Lightning side (``RunCheckpoint``, which decides when to save) is in ``microgpt.callbacks``.
+The Lightning side (``RunCheckpoint``, which decides when to save) is in ``microgpt.callbacks.checkpointing``;
+rebuilding a model from a checkpoint is ``microgpt.loading``.
 """
 
 from __future__ import annotations

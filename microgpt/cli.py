@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import Namespace
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -22,7 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from microgpt.callbacks import ProgressBar, Stopped, WriteNames
+from microgpt.callbacks import AtomicCheckpointIO, ProgressBar, Stopped, WriteNames
 from microgpt.checkpoint import find_checkpoint, load_checkpoint
 from microgpt.data import NamesDataModule
 from microgpt.errors import UserError
@@ -47,7 +48,18 @@ class WithoutLitLoggerTip(logging.Filter):
         return "litlogger" not in record.getMessage()
 
 
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(WithoutLitLoggerTip())
+WITHOUT_LITLOGGER_TIP = WithoutLitLoggerTip()
+
+
+def quiet_noise() -> None:
+    """For the rest of the command's process: no litlogger tip, no full-disk tracebacks from writer threads, and
+    no warnings about Lightning's and jsonargparse's internals, which no user of microgpt can act on."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(WITHOUT_LITLOGGER_TIP)  # once, however often
+    threading.excepthook = quiet_full_disk
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r".*skip_none parameter was deprecated")
+    # predict: the names come from an iterable dataset, which has no batch indices, and WriteNames needs none
+    warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices")
 
 
 def quiet_full_disk(args: threading.ExceptHookArgs) -> None:
@@ -56,13 +68,6 @@ def quiet_full_disk(args: threading.ExceptHookArgs) -> None:
     if disk_full(args.exc_value) is None:
         threading.__excepthook__(args)
 
-
-threading.excepthook = quiet_full_disk
-# Lightning's own warnings about its internals and jsonargparse's, not about anything a user of microgpt can change.
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-warnings.filterwarnings("ignore", message=r".*skip_none parameter was deprecated")
-# predict: the names come from an iterable dataset, which has no batch indices, and WriteNames needs none
-warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices")
 
 
 class MicroGPTCLI(LightningCLI):
@@ -118,14 +123,15 @@ class MicroGPTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """Lightning's default TensorBoard logger without its ``hp_metric`` placeholder; ``predict`` writes its
         names with ``WriteNames`` unless the recipe brings a prediction writer; a progress bar that is not
-        redrawn every step; Lightning's hook calls passing by the hooks that do nothing (``microgpt.hooks``);
-        one line for a log folder that cannot be written."""
-        config = self._get(self.config_init, "trainer", default={})
+        redrawn every step; checkpoints written atomically unless the recipe brings its own ``CheckpointIO``;
+        Lightning's hook calls passing by the hooks that do nothing (``microgpt.hooks``); one line for a log
+        folder that cannot be written."""
+        config = self.subcommand_config(self.config_init).get("trainer", {})
         root = config.get("default_root_dir") or os.getcwd()
         if config.get("logger") in (None, True):  # Lightning reads None as its default logger; one folder per run
             version = run_version(Path(root) / "lightning_logs")
             kwargs.setdefault("logger", TensorBoardLogger(root, default_hp_metric=False, version=version))
-        elif isinstance(spec := self._get(self.config, "trainer", default={}).get("logger"), Namespace):
+        elif isinstance(spec := self.subcommand_config(self.config).get("trainer", {}).get("logger"), Namespace):
             kwargs.setdefault("logger", with_claimed_version(config["logger"], spec.init_args.as_dict()))
         callbacks = list(config.get("callbacks") or [])
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
@@ -135,6 +141,10 @@ class MicroGPTCLI(LightningCLI):
         kwargs.setdefault("callbacks", callbacks)
         if config.get("profiler") is None:
             kwargs.setdefault("profiler", QuietProfiler())
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except Exception as err:
@@ -146,6 +156,11 @@ class MicroGPTCLI(LightningCLI):
                              *[(logger.save_dir, "--trainer.logger.save_dir") for logger in trainer.loggers]]:
             check_writable(folder, flag)
         return trainer
+
+    def subcommand_config(self, config: Namespace) -> Namespace:
+        """The part of a parsed (or instantiated) config that belongs to the subcommand being run: all of it
+        with ``run=False``."""
+        return config.get(str(self.subcommand), config)
 
     def before_fit(self) -> None:
         self.fit_started = time.perf_counter()
@@ -171,6 +186,7 @@ class MicroGPTCLI(LightningCLI):
 def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
     """Run the command line; a ``UserError`` (or Lightning's ``MisconfigurationException``, its error for
     flags that contradict each other) becomes one line on stderr and exit status 2."""
+    quiet_noise()
     try:
         return MicroGPTCLI(
             MicroGPT,

@@ -39,6 +39,30 @@ def sequence_mask(positions: torch.Tensor) -> torch.Tensor:
     return (same & (positions[:, None, :] <= positions[:, :, None]))[:, None]
 
 
+def size_problem(flag: str = "", **sizes: float) -> str | None:
+    """What is wrong with a GPT's sizes (``n_embd``, ``n_head``, ``n_layer``, ``block_size``, ``dropout`` and,
+    when given, ``vocab_size``), in one sentence naming each setting with ``flag`` before it; None if nothing."""
+    for name in ("vocab_size", "n_embd", "n_head", "n_layer", "block_size"):
+        if name in sizes and sizes[name] < 1:
+            return f"{flag}{name} must be a positive integer, got {sizes[name]}."
+    if sizes["n_embd"] % sizes["n_head"]:
+        return f"{flag}n_embd ({sizes['n_embd']}) must be divisible by {flag}n_head ({sizes['n_head']})."
+    if not 0 <= sizes["dropout"] < 1:
+        return f"{flag}dropout must be in [0, 1), got {sizes['dropout']}."
+    return None
+
+
+def sampling_problem(temperature: float, top_k: int | None = None, top_p: float | None = None) -> str | None:
+    """What is wrong with the settings of a draw, in one sentence naming the setting; None if nothing."""
+    if not temperature > 0:
+        return f"temperature must be positive, got {temperature}."
+    if top_k is not None and top_k < 1:
+        return f"top_k must be a positive integer, got {top_k}."
+    if top_p is not None and not 0 < top_p <= 1:
+        return f"top_p must be in (0, 1], got {top_p}."
+    return None
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each position sees itself and the positions before it."""
 
@@ -128,14 +152,10 @@ class GPT(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        for name, value in [("vocab_size", vocab_size), ("n_embd", n_embd), ("n_head", n_head),
-                            ("n_layer", n_layer), ("block_size", block_size)]:
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}.")
-        if n_embd % n_head != 0:
-            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head}).")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        problem = size_problem(vocab_size=vocab_size, n_embd=n_embd, n_head=n_head, n_layer=n_layer,
+                               block_size=block_size, dropout=dropout)
+        if problem:
+            raise ValueError(problem)
         self.block_size = block_size
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
@@ -207,12 +227,8 @@ class GPT(nn.Module):
         once a sequence outgrows the context, each step re-reads the last ``block_size`` tokens, as
         the model was trained. Returns the new tokens of each sequence, without ``end_token``.
         """
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}.")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {top_k}.")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+        if problem := sampling_problem(temperature, top_k, top_p):
+            raise ValueError(problem)
         max_new_tokens = self.block_size if max_new_tokens is None else max_new_tokens
         device = next(self.parameters()).device
         idx = torch.tensor([prompt], device=device).expand(num_samples, -1)

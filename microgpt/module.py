@@ -14,10 +14,14 @@ from torchmetrics import MeanMetric
 from microgpt.batches import Batch
 from microgpt.checkpoint import FORMAT, FORMAT_KEY
 from microgpt.errors import UserError
-from microgpt.model import GPT, Ensemble
+from microgpt.init_from import StartModel
+from microgpt.loading import load_members
+from microgpt.model import GPT, Ensemble, size_problem
 from microgpt.optim import MuonWithAdamW
+from microgpt.random_state import restore_random_state, saved_random_state
 from microgpt.rows import IGNORE_INDEX
-from microgpt.sample import load_members, load_model, sample_names
+from microgpt.sample import sample_names
+from microgpt.step_losses import StepLosses, first_non_finite
 from microgpt.tokenizer import CharTokenizer
 
 
@@ -101,25 +105,20 @@ class MicroGPT(L.LightningModule):
         self.save_hyperparameters(ignore=["ensemble", "init_from"])
         self.ensemble_paths = list(ensemble or [])
         self.tokenizer = CharTokenizer(vocab)
+        start = None
         if init_from is not None:
-            # building the start model must not draw from the random numbers this run's own weights use
-            with torch.random.fork_rng(devices=[]):
-                try:
-                    start, start_tokenizer = load_model(init_from)
-                except UserError as err:
-                    raise UserError(f"--model.init_from {err}") from None
-            check_same_sizes(init_from, start, n_embd=n_embd, n_head=n_head, n_layer=n_layer, block_size=block_size)
-            self.tokenizer = CharTokenizer("".join(sorted(set(start_tokenizer.chars) | set(vocab))))
+            start = StartModel.load(init_from, n_embd=n_embd, n_head=n_head, n_layer=n_layer, block_size=block_size)
+            self.tokenizer = start.vocabulary_with(vocab)
             self.hparams.vocab = self.tokenizer.chars  # so that the checkpoint alone describes the model
         self.gpt = GPT(self.tokenizer.vocab_size, n_embd, n_head, n_layer, block_size, dropout)
-        if init_from is not None:
-            copy_weights(start, start_tokenizer, self.gpt, self.tokenizer)
+        if start is not None:
+            start.copy_into(self.gpt, self.tokenizer)
         # a compiled function, not a module: the weights, their names and the checkpoints stay the GPT's own
         self.train_forward = torch.compile(self.gpt.forward, dynamic=False) if compile else self.gpt.forward
         self.ensemble_members: list[GPT] = []  # loaded in setup; a plain list keeps them out of the state_dict
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
-        self.last_train_loss: torch.Tensor | None = None
+        self.step_losses = StepLosses()
         self.validated_at_step: int | None = None  # the optimizer step of the latest validation
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -145,14 +144,14 @@ class MicroGPT(L.LightningModule):
         return self.sample(batch["count"], batch["temperature"], batch["top_k"], batch["prefix"], generator,
                            top_p=batch["top_p"])
 
-    def logits(self, batch: Batch | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits_and_targets(self, batch: Batch | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, targets) of a batch of padded rows (inputs, targets) or packed rows (inputs, targets, positions)."""
         batch = Batch(*batch)
         return self.predictor(batch.inputs, positions=batch.positions), batch.targets
 
     def token_nll(self, batch: Batch | tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Negative log-likelihood of every real (non-padded) target token in the batch."""
-        logits, targets = self.logits(batch)
+        logits, targets = self.logits_and_targets(batch)
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
         return nll[targets.flatten() != IGNORE_INDEX]
 
@@ -171,14 +170,13 @@ class MicroGPT(L.LightningModule):
         world_size, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
         if world_size == 1 and accumulate == 1:
             loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)  # the mean over the real tokens
-            self.end_step(loss.detach())
+            self.record_step_loss(loss.detach())
             return loss
         nll = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-        share = nll.detach() / batch.step_tokens  # this process's and micro-batch's part of the step's loss
-        self.step_share = share if self.step_share is None else self.step_share + share
+        # this process's and micro-batch's part of the step's loss
+        self.step_losses.add_part(nll.detach() / batch.step_tokens)
         if self.ends_optimizer_step(batch_idx):
-            self.end_step(self.step_share)
-            self.step_share = None
+            self.record_step_loss(self.step_losses.finish_step())
         return nll * (world_size * accumulate / batch.step_tokens)
 
     def ends_optimizer_step(self, batch_idx: int) -> bool:
@@ -186,19 +184,10 @@ class MicroGPT(L.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches
         return (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == self.trainer.num_training_batches
 
-    def end_step(self, step_share: torch.Tensor) -> None:
-        """Keep this process's part of the step's loss (the whole loss on one process), and log the loss on
-        logging steps.
-
-        The parts stay on the device until a step where the host waits anyway (a logging step, or a checkpoint
-        being written): there they are summed over the processes and checked, so a non-finite loss is named
-        by its first step and no other step waits for the device or another process."""
-        self.last_train_loss = step_share
-        if not self.unchecked_losses:
-            self.first_unchecked_step = self.global_step + 1
-        self.unchecked_losses.append(step_share)
-        if len(self.unchecked_losses) >= 1024:  # joined on the device: a run that never logs holds one tensor
-            self.unchecked_losses = [self.joined_losses()]
+    def record_step_loss(self, part: torch.Tensor) -> None:
+        """Keep this process's part of the finished step's loss (``microgpt.step_losses``), and on logging steps
+        check the losses kept so far and log the latest."""
+        self.step_losses.record(self.global_step + 1, part)
         if self.logs_this_step():
             losses = self.check_losses()
             # Loggers only: Lightning turns progress-bar metrics into Python floats after every step,
@@ -206,12 +195,12 @@ class MicroGPT(L.LightningModule):
             self.log("train/loss", losses[-1])
 
     def on_train_start(self) -> None:
-        self.step_share: torch.Tensor | None = None  # this process's part of the loss of the step in progress
-        self.unchecked_losses: list[torch.Tensor] = []
+        self.step_losses.start_fit()
 
-    def joined_losses(self) -> torch.Tensor:
-        """The losses not yet checked, as one tensor on the device."""
-        return torch.cat([loss.reshape(-1) for loss in self.unchecked_losses])
+    @property
+    def last_train_loss(self) -> torch.Tensor | None:
+        """This process's part of the latest optimizer step's training loss (the whole loss on one process)."""
+        return self.step_losses.latest
 
     def train_loss(self) -> float:
         """The latest step's training loss over all processes (a collective under DDP: every process calls it)."""
@@ -223,15 +212,12 @@ class MicroGPT(L.LightningModule):
     def check_losses(self) -> torch.Tensor:
         """The losses of the steps since the last check, summed over processes; raises ``NonFiniteLoss``
         naming the first step whose loss was NaN or infinite. Every process calls it at the same steps."""
-        unchecked = getattr(self, "unchecked_losses", [])
-        losses = self.joined_losses() if unchecked else torch.zeros(0, device=self.device)
+        losses = self.step_losses.take_unchecked(self.device)
         if self.trainer.world_size > 1:
             losses = self.trainer.strategy.reduce(losses, reduce_op="sum")
-        self.unchecked_losses = []
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            i = int(bad[0])
-            step = self.first_unchecked_step + i
+        i = first_non_finite(losses)
+        if i is not None:
+            step = self.step_losses.first_unchecked_step + i
             hp = self.hparams
             lr = hp.lr * lr_factor(step - 1, int(self.trainer.estimated_stepping_batches), hp.warmup_steps,
                                    hp.min_lr / hp.lr)
@@ -258,7 +244,7 @@ class MicroGPT(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log_split("val", self.val_nll)
-        if self._trainer is not None and not self.trainer.sanity_checking:
+        if not self.trainer.sanity_checking:
             self.validated_at_step = self.trainer.global_step
 
     def on_test_epoch_end(self) -> None:
@@ -291,38 +277,21 @@ class MicroGPT(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Refuse to save weights trained on a non-finite loss; store the format version and the random
-        state that dropout and sampling draw from, every process's own (a collective under DDP: every process
-        saves)."""
+        state (``microgpt.random_state``; a collective under DDP: every process saves)."""
         if self.trainer.training:
             self.check_losses()
         checkpoint[FORMAT_KEY] = FORMAT
-        checkpoint["rng"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        if self.trainer.world_size > 1:
-            checkpoint["rng"]["torch_per_rank"] = self.gathered(torch.get_rng_state())
-            if self.device.type == "cuda":
-                checkpoint["rng"]["cuda_per_rank"] = self.gathered(torch.cuda.get_rng_state(self.device))
-
-    def gathered(self, state: torch.Tensor) -> list[torch.Tensor]:
-        """Every process's ``state`` (a byte tensor), in rank order, on the CPU, each in a storage of its own."""
-        return [s.clone() for s in self.trainer.strategy.all_gather(state.to(self.device)).cpu()]
+        checkpoint["rng"] = saved_random_state(self.trainer.world_size, self.device, self.trainer.strategy.all_gather)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the random state, so a resumed run draws exactly what the uninterrupted run drew: with as
-        many processes as saved it, each process its own; otherwise rank 0's (dropout then draws anew)."""
-        rng = checkpoint.get("rng", {})
-        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer else (1, 0)
-        if world_size > 1 and len(rng.get("torch_per_rank", ())) == world_size:
-            # a copy: the state must start its own storage (a view into a stacked tensor crashes torch)
-            torch.set_rng_state(rng["torch_per_rank"][rank].clone())
-            if "cuda_per_rank" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda_per_rank"][rank].clone(), self.device)
+        """A trainer resuming a run: restore the random state, so the run draws exactly what the uninterrupted
+        run drew. ``MicroGPT.load_from_checkpoint`` (no trainer) leaves torch's random state alone."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # not attached to a trainer
             return
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if trainer is not None:
+            restore_random_state(checkpoint.get("rng", {}), trainer.world_size, trainer.global_rank, self.device)
 
     def configure_optimizers(self):
         """AdamW (decay on the linear layers' weight matrices only), or with ``optimizer: muon`` Muon for the
@@ -364,43 +333,11 @@ def muon_class() -> type[torch.optim.Optimizer]:
     return muon
 
 
-@torch.no_grad()
-def copy_weights(source: GPT, source_tokenizer: CharTokenizer, target: GPT, target_tokenizer: CharTokenizer) -> None:
-    """Load ``source``'s weights into ``target``, whose vocabulary holds all of ``source``'s: every token's
-    embedding and output rows move to its id in ``target`` (BOS to BOS); rows of the new characters keep
-    ``target``'s own, freshly drawn values."""
-    rows = torch.tensor([*target_tokenizer.encode(source_tokenizer.chars), target_tokenizer.bos])
-    weights = source.state_dict()
-    for name in ("wte.weight", "lm_head.weight"):
-        moved = target.state_dict()[name].clone()
-        moved[rows] = weights[name]
-        weights[name] = moved
-    target.load_state_dict(weights)
-
-
-def check_same_sizes(path: str, gpt: GPT, **sizes: int) -> None:
-    """Refuse, naming every size that differs, a start checkpoint whose model has other sizes than this one."""
-    theirs = {"n_embd": gpt.wte.embedding_dim, "n_head": gpt.blocks[0].attn.n_head,
-              "n_layer": len(gpt.blocks), "block_size": gpt.block_size}
-    differ = [name for name, value in sizes.items() if theirs[name] != value]
-    if differ:
-        raise UserError(
-            f"--model.init_from {path}: the checkpoint's model has "
-            + ", ".join(f"{name} {theirs[name]}" for name in differ) + "; this run's has "
-            + ", ".join(f"{name} {sizes[name]}" for name in differ)
-            + " (pass the sizes it was trained with, e.g. its --config)."
-        )
-
-
 def check_hyperparameters(**values: float) -> None:
     """Refuse model settings that cannot work, naming the flag, in one sentence."""
-    for name in ("n_embd", "n_head", "n_layer", "block_size"):
-        if values[name] < 1:
-            raise UserError(f"--model.{name} must be a positive integer, got {values[name]}.")
-    if values["n_embd"] % values["n_head"]:
-        raise UserError(f"--model.n_embd ({values['n_embd']}) must be divisible by --model.n_head ({values['n_head']}).")
-    if not 0 <= values["dropout"] < 1:
-        raise UserError(f"--model.dropout must be in [0, 1), got {values['dropout']}.")
+    sizes = {name: values[name] for name in ("n_embd", "n_head", "n_layer", "block_size", "dropout")}
+    if problem := size_problem("--model.", **sizes):
+        raise UserError(problem)
     if not values["lr"] > 0:
         raise UserError(f"--model.lr must be positive, got {values['lr']}.")
     if not values["muon_lr"] > 0:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from microgpt.model import GPT, Ensemble, keep_top_p
+from microgpt.model import GPT, Ensemble, keep_top_p, sampling_problem
 
 
 @dataclass
@@ -53,12 +53,8 @@ def generate_batch(model: GPT | Ensemble, requests: list[SampleRequest], end_tok
     for r in requests:
         if r.count < 1 or not r.prompt:
             raise ValueError("every request needs a prompt and a positive count.")
-        if not r.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {r.temperature}.")
-        if r.top_k is not None and r.top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {r.top_k}.")
-        if r.top_p is not None and not 0 < r.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {r.top_p}.")
+        if problem := sampling_problem(r.temperature, r.top_k, r.top_p):
+            raise ValueError(problem)
     max_new_tokens = model.block_size if max_new_tokens is None else max_new_tokens
     device = next(model.parameters()).device
     counts = [r.count for r in requests]

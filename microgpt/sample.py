@@ -9,18 +9,18 @@ Lightning, so the command starts about as fast as torch itself.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-from microgpt.checkpoint import find_checkpoint, load_checkpoint
+from microgpt.checkpoint import find_checkpoint
 from microgpt.devices import device_problem
 from microgpt.errors import UserError
 from microgpt.files import WriteFailed, atomic_write
-from microgpt.model import GPT, Ensemble
+from microgpt.loading import load_members, load_model
+from microgpt.model import GPT, Ensemble, sampling_problem
 from microgpt.tokenizer import CharTokenizer
 
 
@@ -29,10 +29,8 @@ def sample_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, num_samples: int
                  top_p: float | None = None) -> list[str]:
     """``num_samples`` names starting with ``prefix``, drawn in parallel (``gpt`` in eval mode for the draw);
     ``top_p`` keeps only the smallest set of likeliest characters whose probability reaches it."""
-    if not temperature > 0:
-        raise UserError(f"temperature must be positive, got {temperature}.")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}.")
+    if problem := sampling_problem(temperature, top_k, top_p):
+        raise UserError(problem)
     unknown = tokenizer.unknown(prefix)
     if unknown:
         raise UserError(f"the prefix {prefix!r} has characters the model has never seen: {''.join(unknown)!r}.")
@@ -64,40 +62,6 @@ def score_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, names: list[str])
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
     real = torch.arange(width - 1, device=device) < lengths[:, None]
     return ((nll * real).sum(1) / lengths).tolist()
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, CharTokenizer]:
-    """The GPT and its vocabulary from a microgpt checkpoint (read with ``weights_only=True`` onto the CPU,
-    whatever device it was saved from), then moved to ``device``."""
-    checkpoint = load_checkpoint(path, "cpu")
-    hparams = checkpoint.get("hyper_parameters")
-    if not isinstance(hparams, dict) or "vocab" not in hparams:
-        raise UserError(f"{path}: not a microgpt checkpoint (no vocabulary inside).")
-    tokenizer = CharTokenizer(hparams["vocab"])
-    sizes = {k: hparams[k] for k in inspect.signature(GPT).parameters if k in hparams}
-    gpt = GPT(tokenizer.vocab_size, **sizes)
-    weights = {k.removeprefix("gpt."): v for k, v in checkpoint["state_dict"].items() if k.startswith("gpt.")}
-    try:
-        gpt.load_state_dict(weights)
-    except RuntimeError:
-        raise UserError(f"{path}: its weights do not fit the model its settings describe.") from None
-    return gpt.to(device), tokenizer
-
-
-def load_members(paths: list[str], tokenizer: CharTokenizer, block_size: int,
-                 device: str | torch.device = "cpu") -> list[GPT]:
-    """The GPTs of the checkpoints at ``paths`` on ``device``, in eval mode, checked to share ``tokenizer``'s
-    vocabulary and ``block_size``, so that their predictions can be averaged with a model that has them."""
-    members = []
-    for path in paths:
-        gpt, other = load_model(path, device)
-        if other.chars != tokenizer.chars:
-            raise UserError(f"{path}: its vocabulary {other.chars!r} differs from the first model's "
-                            f"{tokenizer.chars!r}, so their predictions cannot be averaged.")
-        if gpt.block_size != block_size:
-            raise UserError(f"{path}: its context length is {gpt.block_size}, the first model's is {block_size}.")
-        members.append(gpt.eval())
-    return members
 
 
 def resolve(path: str, root: str) -> str:

@@ -37,8 +37,9 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from microgpt.errors import UserError
+from microgpt.loading import load_model
 from microgpt.request_batch import SampleRequest, generate_batch
-from microgpt.sample import load_model, positive_int, resolve, score_names
+from microgpt.sample import positive_int, resolve, score_names
 
 MAX_COUNT = 1000  # names per /predict request
 MAX_NAMES = 1000  # names per /score request

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from microgpt.callbacks import AtomicCheckpointIO
+from microgpt.callbacks.checkpointing import AtomicCheckpointIO
 from microgpt.files import atomic_write
 
 

@@ -19,7 +19,7 @@ class MeanOfMeans(MicroGPT):
     """What accumulation does by default: every micro-batch's mean loss, averaged with equal weights."""
 
     def training_step(self, batch, batch_idx):
-        logits, targets = self.logits(batch)
+        logits, targets = self.logits_and_targets(batch)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from microgpt.cli import main
+from microgpt.loading import load_model
 from microgpt.model import GPT, Ensemble
-from microgpt.sample import load_model
 from microgpt.sample import main as sample_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -116,7 +116,8 @@ def test_runs_started_together_in_one_folder_each_get_their_own(runs):
     checkpoint and curves. A curve ends at its own checkpoint's val/loss (scored here name by name) and
     starts at its own seed's first loss (computed here, alone)."""
     from microgpt.data import NamesDataModule
-    from microgpt.sample import load_model, score_names
+    from microgpt.loading import load_model
+    from microgpt.sample import score_names
 
     for key in (1, 2, "ddp"):
         assert runs["results"][key].returncode == 0, runs["results"][key].stderr[-3000:]
@@ -386,13 +387,13 @@ def test_sample_on_a_device_this_machine_lacks_is_one_line_naming_it(checkpoint,
 
 def test_sample_loads_on_the_cpu_and_moves_the_model(checkpoint, monkeypatch):
     """Whatever ``--device``, the file is read onto the CPU (a GPU-saved checkpoint loads anywhere)."""
-    from microgpt import sample
+    from microgpt import loading
 
     seen = []
-    real = sample.load_checkpoint
-    monkeypatch.setattr(sample, "load_checkpoint", lambda path, map_location: seen.append(map_location) or real(
+    real = loading.load_checkpoint
+    monkeypatch.setattr(loading, "load_checkpoint", lambda path, map_location: seen.append(map_location) or real(
         path, map_location))
-    gpt, _ = sample.load_model(checkpoint, "meta")
+    gpt, _ = loading.load_model(checkpoint, "meta")
     assert seen == ["cpu"] and next(gpt.parameters()).device.type == "meta"
 
 

@@ -15,10 +15,10 @@ from conftest import error_line
 
 from microgpt import sample
 from microgpt.cli import main
+from microgpt.loading import load_model
 from microgpt.model import GPT
 from microgpt.module import MicroGPT
 from microgpt.rows import IGNORE_INDEX
-from microgpt.sample import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "names.yaml")

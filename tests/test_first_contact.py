@@ -114,8 +114,8 @@ def test_throughput_counts_every_batch_between_logging_steps(tiny_names, monkeyp
     the names themselves, counted here from the names file."""
     from types import SimpleNamespace
 
-    from microgpt import callbacks
     from microgpt.callbacks import Throughput
+    from microgpt.callbacks import monitoring as callbacks
 
     names = tiny_names.read_text().split()
     data = NamesDataModule(path=str(tiny_names), block_size=8, batch_size=3, val_size=2, pack=pack)
@@ -236,7 +236,8 @@ def test_the_python_api_page_runs_as_written(run_dir):
 
 def test_score_names_averages_to_the_test_loss(run_dir):
     tmp, names, _ = run_dir
-    from microgpt.sample import load_model, score_names
+    from microgpt.loading import load_model
+    from microgpt.sample import score_names
 
     tested = main(["test", "--config", BATCHED, "--data.path", str(names), "--data.val_size", "40",
                    "--data.test_size", "40", "--ckpt_path", "best", "--trainer.default_root_dir", str(tmp / "root"),

@@ -1,19 +1,38 @@
 """Lightning's hook calls pass by the hooks that do nothing, and only those: every hook a callback or the module
-overrides still runs on every batch, a profiler the user asks for is kept, and training is unchanged."""
+overrides still runs on every batch, a profiler the user asks for is kept, and training is unchanged. Both
+shortcuts past Lightning's documented API (``None`` hooks, the SIGTERM broadcast under DDP) stand on a start-up
+check of this Lightning, and a Lightning that behaves otherwise gets its own hook loop and broadcast back."""
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import LambdaCallback
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.profilers import SimpleProfiler
+from lightning.pytorch.trainer import call
 
+from microgpt import lightning_checks
+from microgpt.callbacks import AtomicCheckpointIO, RunCheckpoint
 from microgpt.cli import main
 from microgpt.data import NamesDataModule
-from microgpt.hooks import CALLBACK_BATCH_HOOKS, MODULE_BATCH_HOOKS, QuietProfiler, skip_idle_hooks
+from microgpt.hooks import QuietProfiler, skip_idle_hooks
 from microgpt.module import MicroGPT
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "names.yaml")
+
+
+@pytest.fixture
+def fresh_checks():
+    """The start-up checks run again in this test (and once more, on the real Lightning, after it)."""
+    lightning_checks.skips_none_hooks.cache_clear()
+    lightning_checks.sigterm_broadcast_is_the_flag_alone.cache_clear()
+    yield
+    lightning_checks.skips_none_hooks.cache_clear()
+    lightning_checks.sigterm_broadcast_is_the_flag_alone.cache_clear()
 
 
 class CountHooks(L.Callback):
@@ -39,79 +58,85 @@ def fit(names, skip: bool, steps: int = 6):
     data = NamesDataModule(path=str(names), block_size=8, batch_size=4, val_size=4)
     model = ModuleCountingBackward(data.vocab, n_embd=16, n_head=4, n_layer=1, block_size=8)
     counter = CountHooks()
+    ends = []
+    on_instance = LambdaCallback(on_train_batch_end=lambda trainer, *args: ends.append(trainer.global_step))
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[counter],
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[counter, on_instance],
                         profiler=QuietProfiler() if skip else None)
     if skip:
-        skip_idle_hooks(trainer, model)
+        assert skip_idle_hooks(trainer, model)
     trainer.fit(model, datamodule=data)
-    return model, counter
+    return model, counter, ends
 
 
-def test_skipping_idle_hooks_keeps_the_overridden_ones_and_every_number(tiny_names):
-    plain_model, plain_counter = fit(tiny_names, skip=False)
-    model, counter = fit(tiny_names, skip=True)
-    # the overridden hooks ran on every step; the others were switched off on the instances only
+def test_skipping_idle_hooks_keeps_every_hook_that_does_something_and_every_number(tiny_names):
+    plain_model, plain_counter, plain_ends = fit(tiny_names, skip=False)
+    model, counter, ends = fit(tiny_names, skip=True)
+    # hooks a class overrides, and hooks set on the instance (LambdaCallback's), ran on every step
     assert counter.calls == plain_counter.calls == {"on_before_backward": 6, "on_train_batch_end": 6}
     assert model.backward_calls == plain_model.backward_calls == 6
-    assert counter.on_after_backward is None and model.on_after_backward is None
-    assert model.on_before_backward is not None and callable(counter.on_before_backward)
-    assert callable(CountHooks().on_after_backward)  # the class is untouched
+    assert ends == plain_ends == [1, 2, 3, 4, 5, 6]
     for a, b in zip(model.parameters(), plain_model.parameters()):
         assert torch.equal(a, b)
 
 
-def test_the_cli_switches_off_exactly_the_inherited_no_ops(tmp_path):
-    cli = main(["--config", CONFIG, "--trainer.default_root_dir", str(tmp_path)], run=False)
-    trainer = cli.trainer
-    assert isinstance(trainer.profiler, QuietProfiler)
-    for callback in trainer.callbacks:
-        for name in CALLBACK_BATCH_HOOKS:
-            inherited = getattr(type(callback), name) is getattr(L.Callback, name)
-            assert (getattr(callback, name) is None) == inherited, (type(callback).__name__, name)
-    assert any(c.on_train_batch_end is not None for c in trainer.callbacks)  # e.g. the checkpoints
-    for name in MODULE_BATCH_HOOKS:
-        assert getattr(cli.model, name) is None
-    assert callable(cli.model.on_before_optimizer_step)  # MicroGPT's own, for accumulation
-
-
-def test_a_profiler_asked_for_is_kept_and_sees_the_hooks_that_run(tmp_path, capsys):
+def test_a_profiler_asked_for_is_kept_and_sees_the_hooks_that_run(tmp_path):
     cli = main(["--config", CONFIG, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "3",
                 "--trainer.val_check_interval", "3", "--trainer.profiler", "simple",
                 "--trainer.enable_progress_bar", "false"], run=False)
     assert isinstance(cli.trainer.profiler, SimpleProfiler)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # the command line's default
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     actions = set(cli.trainer.profiler.recorded_durations)
     assert "[Callback]SampleNames.on_train_batch_end" in actions
-    assert "[Callback]SampleNames.on_before_backward" not in actions
+    assert "[Callback]SampleNames.on_before_backward" not in actions  # an inherited no-op: not called
     assert "[LightningModule]MicroGPT.on_before_optimizer_step" in actions
+    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
 
-@pytest.mark.parametrize("hook", ["on_before_backward", "on_train_batch_start"])
-def test_a_hook_a_subclass_overrides_is_never_switched_off(hook):
-    class Override(L.Callback):
-        pass
-
-    setattr(Override, hook, lambda self, *args: None)
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Override()])
-    skip_idle_hooks(trainer)
-    callback = trainer.callbacks[0]
-    assert callable(getattr(callback, hook))
-    assert all(getattr(callback, name) is None for name in CALLBACK_BATCH_HOOKS if name != hook)
+def test_a_checkpoint_io_the_recipe_brings_is_kept(tmp_path):
+    plugin = {"class_path": "lightning.fabric.plugins.TorchCheckpointIO"}
+    cli = main(["--config", CONFIG, "--trainer.default_root_dir", str(tmp_path),
+                "--trainer.plugins", json.dumps(plugin)], run=False)
+    assert type(cli.trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO"
 
 
-def test_hooks_set_on_the_instance_are_kept(tiny_names):
-    """Lightning's ``LambdaCallback`` sets the hooks it is given on the instance: those still run every step."""
-    from lightning.pytorch.callbacks import LambdaCallback
+def test_this_lightning_passes_by_none_hooks_and_broadcasts_only_the_sigterm_flag(fresh_checks):
+    """Fails on a Lightning that changed either behaviour: the shortcuts would then be left out silently."""
+    assert lightning_checks.skips_none_hooks()
+    assert lightning_checks.sigterm_broadcast_is_the_flag_alone()
 
-    ends = []
-    callback = LambdaCallback(on_train_batch_end=lambda trainer, *args: ends.append(trainer.global_step))
-    data = NamesDataModule(path=str(tiny_names), block_size=8, batch_size=4, val_size=4)
-    model = MicroGPT(data.vocab, n_embd=16, n_head=4, n_layer=1, block_size=8)
-    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[callback])
-    skip_idle_hooks(trainer, model)
-    assert callback.on_before_backward is None and callable(callback.on_train_batch_end)
-    trainer.fit(model, datamodule=data)
-    assert ends == [1, 2, 3]
+
+def test_a_lightning_that_calls_none_hooks_gets_its_own_hook_loop(tmp_path, monkeypatch, fresh_checks):
+    def calling_none_too(trainer, hook_name, *args, **kwargs):
+        if any(getattr(callback, hook_name) is None for callback in trainer.callbacks):
+            raise TypeError("'NoneType' object is not callable")  # as a call without the callable() check would
+        return original(trainer, hook_name, *args, **kwargs)
+
+    original = call._call_callback_hooks
+    monkeypatch.setattr(call, "_call_callback_hooks", calling_none_too)
+    assert not lightning_checks.skips_none_hooks()
+    cli = main(["--config", CONFIG, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "3",
+                "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false"], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)  # a user's run still works
+    assert cli.trainer.global_step == 3
+
+
+def test_a_changed_sigterm_broadcast_is_left_alone(monkeypatch, fresh_checks):
+    def with_more(loop):
+        torch.distributed.all_reduce(torch.zeros(1))  # a collective the shortcut would drop
+        return original(loop)
+
+    def quieted(trainer) -> bool:
+        callback = RunCheckpoint()
+        callback._quiet_sigterm_broadcast(trainer)
+        return "_broadcast_sigterm_tensor" in vars(trainer.fit_loop.epoch_loop)
+
+    original = _TrainingEpochLoop._broadcast_sigterm_tensor
+    two_processes = lambda: SimpleNamespace(world_size=2, received_sigterm=False,
+                                            fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace()))
+    assert quieted(two_processes())
+    lightning_checks.sigterm_broadcast_is_the_flag_alone.cache_clear()
+    monkeypatch.setattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor", with_more)
+    assert not lightning_checks.sigterm_broadcast_is_the_flag_alone()
+    assert not quieted(two_processes())

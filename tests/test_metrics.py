@@ -54,6 +54,7 @@ def test_val_loss_weights_tokens_across_batches_and_derives_ppl_and_bpc():
         model.validation_step((enc["inputs"], enc["targets"]), i)
     logged = {}
     model.log_dict = lambda d, **kw: logged.update({k: float(v) for k, v in d.items()})
+    model.trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     model.on_validation_epoch_end()
 
     sums, counts = zip(*(nll_by_hand(model, n) for n in names))

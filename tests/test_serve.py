@@ -15,7 +15,8 @@ import torch
 from serving import ROOT, Server, get, live_session_processes, post, serve_env
 
 from microgpt.cli import main as cli_main
-from microgpt.sample import load_model, sample_names
+from microgpt.loading import load_model
+from microgpt.sample import sample_names
 
 CONFIG = str(ROOT / "configs" / "names.yaml")
 KEY = "s3cret-key"

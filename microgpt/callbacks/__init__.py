@@ -1,0 +1,18 @@
+"""The callbacks of microgpt's recipes, one job per module; ``microgpt.callbacks.X`` names each of them (as the
+recipes in ``configs/`` do).
+
+* ``checkpointing``: ``RunCheckpoint`` (``last.ckpt``, saving on SIGTERM and Ctrl-C) and ``AtomicCheckpointIO``.
+* ``sampling``: ``SampleNames``, and the shares of names that are new.
+* ``monitoring``: ``LearningRateMonitor``, ``ProgressBar``, ``Throughput``.
+* ``predictions``: ``WriteNames``, the prediction writer.
+* ``ema``: ``EMA``, the moving average of the weights.
+"""
+
+from microgpt.callbacks.checkpointing import AtomicCheckpointIO, RunCheckpoint, Stopped
+from microgpt.callbacks.ema import EMA
+from microgpt.callbacks.monitoring import LearningRateMonitor, ProgressBar, Throughput
+from microgpt.callbacks.predictions import WriteNames
+from microgpt.callbacks.sampling import SampleNames, log_samples, novelty, report_novelty
+
+__all__ = ["EMA", "AtomicCheckpointIO", "LearningRateMonitor", "ProgressBar", "RunCheckpoint", "SampleNames",
+           "Stopped", "Throughput", "WriteNames", "log_samples", "novelty", "report_novelty"]
