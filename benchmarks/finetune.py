@@ -6,7 +6,7 @@
 Two small lists: makemore names that names-best never trains on (its 2,000 held-out names) ending in "a",
 a list in the style of the training data; and 600 made-up fantasy names from a small syllable grammar (a
 fixed seed; some have an apostrophe, a character makemore's names do not have), unlike it. Each is trained
-on with ``--config configs/names-best.yaml --config configs/finetune.yaml`` from the checkpoint
+on with ``--config configs/names-best-adamw.yaml --config configs/finetune.yaml`` from the checkpoint
 (``--model.init_from``) and from scratch, and from scratch again at names-best's own peak lr. Prints the
 final and the best validation loss of each run (its 50 held-out names) and the first samples.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ["--config", str(ROOT / "configs" / "names-best.yaml"), "--config", str(ROOT / "configs" / "finetune.yaml")]
+RECIPE = ["--config", str(ROOT / "configs" / "names-best-adamw.yaml"), "--config", str(ROOT / "configs" / "finetune.yaml")]
 
 
 def fantasy_names(count: int = 600, seed: int = 0) -> list[str]:
@@ -83,7 +83,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     start = args.init_from
     if start is None:
-        fit(work / "pretrain", "--config", str(ROOT / "configs" / "names-best.yaml"),
+        fit(work / "pretrain", "--config", str(ROOT / "configs" / "names-best-adamw.yaml"),
             "--trainer.max_steps", str(args.pretrain_steps))
         start = str(work / "pretrain" / "checkpoints" / "last.ckpt")
     for label, names in [("held-out makemore names ending in a", held_out_names_ending_in_a()),

@@ -27,6 +27,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import yaml
 
 BENCHMARKS = Path(__file__).resolve().parent
 ROOT = BENCHMARKS.parent
@@ -150,7 +151,8 @@ def main() -> None:
             plain = plain_ms_per_step(device, *sizes[config], steps=steps)
             print(f"| {config} | {r['ms_per_step']:.2f} | {plain:.2f} | {r['ms_per_step'] / plain:.2f}x |")
     if not args.quick:
-        record = fit("names-best.yaml", args.accelerator, 7000)
+        full = yaml.safe_load((ROOT / "configs" / "names-best.yaml").read_text())["trainer"]["max_steps"]
+        record = fit("names-best.yaml", args.accelerator, full)
         print(f"\nnames-best to the end: {record['final']} (process wall time {record['wall']:.1f} s)")
     print(f"\ndevice: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"lightning {L.__version__}")

@@ -34,7 +34,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ["configs/names.yaml", "configs/names-batched.yaml", "configs/names-best.yaml", "configs/names-fast.yaml"]
+RECIPES = ["configs/names.yaml", "configs/names-batched.yaml", "configs/names-fast.yaml", "configs/names-best.yaml",
+           "configs/names-best-adamw.yaml"]
 FINAL = re.compile(r"^final: step (\d+) \| .* \| ([\d.]+) s$")
 
 

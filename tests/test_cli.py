@@ -119,7 +119,7 @@ def test_test_path_with_characters_outside_the_checkpoint_vocabulary_is_one_line
     )
 
 
-@pytest.mark.parametrize("recipe", ["names-batched.yaml", "names-best.yaml", "names-fast.yaml", "names-best-muon.yaml"])
+@pytest.mark.parametrize("recipe", ["names-batched.yaml", "names-best.yaml", "names-fast.yaml", "names-best-adamw.yaml"])
 def test_recipes_parse_and_train_a_few_steps(recipe, tiny_names, tmp_path):
     cli = main(["fit", "--config", str(ROOT / "configs" / recipe), "--data.path", str(tiny_names),
                 "--data.val_size", "3", "--data.test_size", "3", "--trainer.max_steps", "3",
