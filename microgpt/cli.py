@@ -14,6 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -188,7 +189,7 @@ def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
     flags that contradict each other) becomes one line on stderr and exit status 2."""
     quiet_noise()
     try:
-        return MicroGPTCLI(
+        cli = MicroGPTCLI(
             MicroGPT,
             NamesDataModule,
             args=args,
@@ -217,6 +218,16 @@ def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
               f"connection to another process of this run, which stopped first ({lost}); that process's own "
               "error, printed above, is the cause.", file=sys.stderr)
         raise SystemExit(1) from None
+    end_process_group()
+    return cli
+
+
+def end_process_group() -> None:
+    """Destroy ``torch.distributed``'s process group once the command is done. Lightning does this at exit for
+    NCCL only; a gloo group left to the interpreter's shutdown can abort the process (SIGABRT) after the run's
+    work is done and its last line printed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def raised_in(err: BaseException, filename: str) -> bool:
