@@ -101,14 +101,14 @@ class TrainBatches(IterableDataset):
     state Lightning saves in a checkpoint and restores on resume (``state_dict``), so a resumed run goes
     on with the very next batch. With ``static``, every batch has one shape, so that a compiled step
     compiles once: padded rows are ``block_size`` wide, and packed batches get empty rows up to a multiple
-    of ``row_multiple``.
+    of ``row_multiple``, the most rows the first pass's batches need.
     """
 
     def __init__(self, rows: NameRows, batch_size: int, current_epoch: Callable[[], int] = lambda: 0,
                  shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1, packed: bool = False,
-                 accumulate: int = 1, static: bool = False, row_multiple: int = 1):
+                 accumulate: int = 1, static: bool = False):
         self.rows = rows
-        self.static, self.row_multiple = static, row_multiple
+        self.static = static
         self.packed = packed
         self.num_names = len(rows)
         self.batch_size = batch_size
@@ -120,6 +120,11 @@ class TrainBatches(IterableDataset):
         self.batches_per_epoch = math.ceil(self.num_names / batch_size)
         self.done = (0, 0)  # (an epoch, how many of its batches have been yielded)
         self._step_tokens = (range(0), 0)  # (the global batches of an optimizer step, their target tokens)
+        self._permutation: tuple[int | None, torch.Tensor | None] = (None, None)  # (a pass, its order)
+        # static packed batches: the most rows any batch of the first pass needs (of its first 1000 batches);
+        # a rare later batch that needs more is padded to twice as many, and a compiled step compiles once more
+        self.row_multiple = (self.most_packed_rows(range(min(self.batches_per_epoch, 1000)))
+                             if static and packed else 1)
 
     def __len__(self) -> int:
         """Batches in a whole epoch, also when resuming mid-epoch: Lightning counts the ones already done,
@@ -145,10 +150,10 @@ class TrainBatches(IterableDataset):
 
     def permutation(self, n: int) -> torch.Tensor:
         """The order of pass ``n`` over the names when shuffling (the latest one is cached)."""
-        if getattr(self, "_cached", (None,))[0] != n:
+        if self._permutation[0] != n:
             generator = torch.Generator().manual_seed(self.seed + n)
-            self._cached = (n, torch.randperm(self.num_names, generator=generator))
-        return self._cached[1]
+            self._permutation = (n, torch.randperm(self.num_names, generator=generator))
+        return self._permutation[1]
 
     def tokens(self, k: int) -> int:
         """Target tokens in global batch ``k``, over all processes."""

@@ -70,7 +70,6 @@ def quiet_full_disk(args: threading.ExceptHookArgs) -> None:
         threading.__excepthook__(args)
 
 
-
 class MicroGPTCLI(LightningCLI):
     """LightningCLI with the context length shared by model and data, and the vocabulary linked from the data."""
 

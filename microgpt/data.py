@@ -170,14 +170,9 @@ class NamesDataModule(L.LightningDataModule):
     # in this process already, so a torch DataLoader around them would only add time to every step.
     def train_dataloader(self) -> TrainBatches:
         accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
-        batches = TrainBatches(self.train_rows, self.batch_size, self.current_epoch, shuffle=self.shuffle,
-                               seed=self.seed, rank=self.rank, world_size=self.world_size, packed=self.pack,
-                               accumulate=accumulate, static=self.static_shapes)
-        if self.static_shapes and self.pack:
-            # the most rows any batch of the first pass needs (of its first 1000 batches): a rare later batch
-            # that needs more is padded to twice as many, and a compiled step compiles once more for it
-            batches.row_multiple = batches.most_packed_rows(range(min(len(batches), 1000)))
-        return batches
+        return TrainBatches(self.train_rows, self.batch_size, self.current_epoch, shuffle=self.shuffle,
+                            seed=self.seed, rank=self.rank, world_size=self.world_size, packed=self.pack,
+                            accumulate=accumulate, static=self.static_shapes)
 
     def val_dataloader(self) -> EvalBatches:
         return EvalBatches(self.val_rows, self.eval_batch_size, self.rank, self.world_size)
