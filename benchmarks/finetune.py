@@ -47,7 +47,7 @@ def fantasy_names(count: int = 600, seed: int = 0) -> list[str]:
 def held_out_names_ending_in_a() -> list[str]:
     """The names names-best holds out for validation and test (never trained on) that end in "a"."""
     sys.path.insert(0, str(ROOT))
-    from microgpt.data import NamesDataModule
+    from microgpt.data.datamodule import NamesDataModule
 
     split = NamesDataModule(val_size=1000, test_size=1000, seed=42).split  # names-best's split
     held_out = split.store.decode(split.val_lines) + split.store.decode(split.test_lines)

@@ -100,9 +100,9 @@ def plain_ms_per_step(device: str, batch_size: int, n_embd: int, n_layer: int, b
     sys.path.insert(0, str(BENCHMARKS))
     from train_speed import PlainSteps
 
-    from microgpt.data import NamesDataModule
-    from microgpt.rows import NameRows
-    from microgpt.tokenizer import CharTokenizer
+    from microgpt.data.datamodule import NamesDataModule
+    from microgpt.data.rows import NameRows
+    from microgpt.model.tokenizer import CharTokenizer
 
     store = NamesDataModule(val_size=0).split.store  # the bundled names, all of them in the file's order
     tokenizer = CharTokenizer(store.chars)

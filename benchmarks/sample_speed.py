@@ -10,7 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from microgpt.sample import load_model, sample_names
+from microgpt.commands.sample import load_model, sample_names
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
     python benchmarks/startup.py                      # the seed recipe, configs/names.yaml
     python benchmarks/startup.py --config configs/names-best.yaml
 
-Phases: importing ``microgpt.cli`` (torch, Lightning, torchmetrics, jsonargparse), building and running the
+Phases: importing ``microgpt.commands.cli`` (torch, Lightning, torchmetrics, jsonargparse), building and running the
 command-line parser, reading and splitting the names, building the model, building the Trainer, and
 ``Trainer.fit`` up to the first training batch (callbacks' setup, the loaders, the sanity validation).
 Run it with ``python -X importtime`` to see which imports dominate. Run it twice: the first run after
@@ -34,12 +34,12 @@ def main() -> None:
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
-    import microgpt.cli
-    import microgpt.data
-    from microgpt.module import MicroGPT
+    import microgpt.commands.cli
+    import microgpt.data.datamodule
+    from microgpt.training.module import MicroGPT
 
     phases: dict[str, float] = defaultdict(float)
-    phases["import microgpt.cli (torch, Lightning, torchmetrics, jsonargparse)"] = time.perf_counter() - imported
+    phases["import microgpt.commands.cli (torch, Lightning, torchmetrics, jsonargparse)"] = time.perf_counter() - imported
 
     def timed(owner, name: str, label: str) -> None:
         original = getattr(owner, name)
@@ -56,8 +56,8 @@ def main() -> None:
 
     timed(LightningCLI, "setup_parser", "command line: build the parser")
     timed(LightningCLI, "parse_arguments", "command line: parse the recipe and flags")
-    timed(microgpt.data, "ensure_store", "data: encode the names file into its token store (or open it)")
-    timed(microgpt.data, "seeded_order", "data: the seeded order of the names (computed once, then mapped)")
+    timed(microgpt.data.datamodule, "ensure_store", "data: encode the names file into its token store (or open it)")
+    timed(microgpt.data.datamodule, "seeded_order", "data: the seeded order of the names (computed once, then mapped)")
     timed(MicroGPT, "__init__", "model: build")
     timed(L.Trainer, "__init__", "Trainer: build")
 
@@ -71,7 +71,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         built = time.perf_counter()
-        cli = microgpt.cli.main(["--config", args.config, "--trainer.max_steps", "1", "--trainer.default_root_dir",
+        cli = microgpt.commands.cli.main(["--config", args.config, "--trainer.max_steps", "1", "--trainer.default_root_dir",
                                  tmp, "--trainer.enable_progress_bar", "false"], run=False)
         phases["the rest of LightningCLI (instantiating, linking)"] = time.perf_counter() - built - sum(
             v for k, v in phases.items() if not k.startswith("import"))

@@ -196,8 +196,8 @@ def main() -> None:
     args = parser.parse_args()
     recipes = args.recipes or [r for r in RECIPES if (ROOT / r).exists()]
     sys.path.insert(0, str(ROOT))
-    from microgpt.data import BUNDLED_NAMES
-    from microgpt.store import default_cache_dir, ensure_store, store_path
+    from microgpt.data.datamodule import BUNDLED_NAMES
+    from microgpt.data.store import default_cache_dir, ensure_store, store_path
 
     out, docs = (ROOT / args.out).resolve(), (ROOT / args.docs).resolve()
     train, test = split_names(BUNDLED_NAMES, out / "split", args.test_size, args.split_seed)

@@ -12,7 +12,7 @@ marginal step time of the shipped config, ``(T(long run) - T(short run)) / extra
 difference for the plain script: the seed model at batch 1 (``names.yaml``) and makemore's size
 (``names-batched.yaml`` with ``--model.n_layer 4``: 4 layers, 64-dim, context 16, batch 32). Both runs
 validate once, after their last step (``--trainer.val_check_interval`` = their steps), as the seed recipe
-does, so start-up, scoring and sampling cancel out of (2) and (3). The plain loop uses the same ``microgpt.model.GPT`` (three
+does, so start-up, scoring and sampling cancel out of (2) and (3). The plain loop uses the same ``microgpt.model.gpt.GPT`` (three
 q/k/v matrices), batches, AdamW groups and schedule.
 
 ``--interleaved``: rows (2) and (3) measured so that the machine's drift cancels out. Each round is a fresh
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 import torch.nn.functional as F
 
-from microgpt.model import GPT
+from microgpt.model.gpt import GPT
 
 SETTINGS = {
     "seed (batch 1, 16-dim, 1 layer, context 8)":
@@ -115,8 +115,8 @@ def lightning_train(names, batch_size, n_embd, n_head, n_layer, block_size, step
     With ``pack``, the data module packs several names per row (the plain loop always pads one name per row)."""
     import lightning as L
 
-    from microgpt.data import NamesDataModule
-    from microgpt.module import MicroGPT
+    from microgpt.data.datamodule import NamesDataModule
+    from microgpt.training.module import MicroGPT
 
     class Clock(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -142,7 +142,7 @@ def lightning_train(names, batch_size, n_embd, n_head, n_layer, block_size, step
 
 
 def throughput(names: Path, rounds: int, scale: float) -> None:
-    from microgpt.data import NamesDataModule
+    from microgpt.data.datamodule import NamesDataModule
 
     print(f"Training-step throughput, best of {rounds} alternating rounds, warm-up steps excluded")
     print(f"{'setting':<66} {'side':<10} {'steps/s':>9} {'tokens/s':>10} {'Lightning/plain':>16}")
@@ -219,7 +219,7 @@ def goals(names: Path, rounds: int, flags: list[str] | None = None, rows: str = 
             print(f"{'marginal step, ' + label:<90} {1000 * a:7.3f} ms")
             print(f"{'  the plain script':<90} {1000 * b:7.3f} ms   {a / b:.2f}x")
         imports = [("python -c 'import torch'", "import torch"),
-                   ("python -c 'import microgpt.cli' (the start-up imports of fit)", "import microgpt.cli")]
+                   ("python -c 'import microgpt.commands.cli' (the start-up imports of fit)", "import microgpt.commands.cli")]
         for label, code in imports if rows == "all" else []:
             print(f"{label:<90} {median([wall(['-c', code], tmp) for _ in range(rounds)]):7.2f} s")
 
@@ -237,8 +237,8 @@ def interleaved_round(names: Path, label: str) -> None:
 
     import lightning as L
 
-    from microgpt.cli import main as cli_main
-    from microgpt.hooks import skip_idle_hooks
+    from microgpt.commands.cli import main as cli_main
+    from microgpt.training.hooks import skip_idle_hooks
 
     config, extra, settings = GOALS[label][:3]
     steps, block = INTERLEAVED[label]
@@ -341,7 +341,7 @@ def profile_lightning(names: Path, steps: int = 2000) -> None:
     split its own time by package, break one step down, and list Lightning's hot spots."""
     import contextlib
 
-    from microgpt.cli import main as cli_main
+    from microgpt.commands.cli import main as cli_main
 
     profile = cProfile.Profile()
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as null, \
@@ -379,7 +379,7 @@ def profile_lightning(names: Path, steps: int = 2000) -> None:
     loop = cum("training_epoch_loop.py", "advance")
     parts = {
         "forward + loss (MicroGPT.training_step without self.log)":
-            cum("microgpt/module.py", "training_step") - cum("lightning/pytorch/core/module.py", "log"),
+            cum("microgpt/training/module.py", "training_step") - cum("lightning/pytorch/core/module.py", "log"),
         "self.log('train/loss')": cum("lightning/pytorch/core/module.py", "log"),
         "backward": cum("torch/_tensor.py", "backward"),
         "Adam update": cum("torch/optim/adam.py", "adam"),

@@ -36,12 +36,12 @@ def main() -> None:
     if command in ([], ["-h"], ["--help"]):
         sys.stdout.write(USAGE)
     elif command == ["sample"]:
-        from microgpt.sample import main as sample_main
+        from microgpt.commands.sample import main as sample_main
 
         sample_main(sys.argv[2:])
     elif command == ["serve"]:
         try:
-            from microgpt.serve import main as serve_main
+            from microgpt.commands.serve import main as serve_main
         except ModuleNotFoundError as err:
             if err.name != "litserve":
                 raise
@@ -49,7 +49,7 @@ def main() -> None:
             raise SystemExit(2) from None
         serve_main(sys.argv[2:])
     else:
-        from microgpt.cli import main as cli_main
+        from microgpt.commands.cli import main as cli_main
 
         cli_main()
 

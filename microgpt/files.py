@@ -3,7 +3,7 @@
 ``atomic_write`` writes to a temporary file in the same directory, syncs it to disk and renames it into
 place, so readers see the old file or the whole new one. A write that fails (a full disk, an I/O error)
 removes its temporary file and raises ``WriteFailed``: one line naming the file and what the OS said.
-Checkpoints (``microgpt.checkpoint``), token stores (``microgpt.store``) and sampled names use it.
+Checkpoints (``microgpt.checkpoints.io``), token stores (``microgpt.data.store``) and sampled names use it.
 """
 
 from __future__ import annotations

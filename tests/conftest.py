@@ -29,7 +29,7 @@ def token_store_cache(tmp_path_factory) -> Iterator[Path]:
 def error_line(args: list[str], capsys) -> str:
     """Run the command line in this process: it must exit with status 2, without a traceback, and its
     last line on stderr (Lightning's own start-up lines may come before it) says what was wrong."""
-    from microgpt.cli import main
+    from microgpt.commands.cli import main
 
     with pytest.raises(SystemExit) as stop:
         main(args)
@@ -42,7 +42,7 @@ def error_line(args: list[str], capsys) -> str:
 @pytest.fixture(scope="session")
 def names_file() -> Path:
     """The real makemore names.txt, as it ships inside the package."""
-    from microgpt.data import BUNDLED_NAMES
+    from microgpt.data.datamodule import BUNDLED_NAMES
 
     return BUNDLED_NAMES
 

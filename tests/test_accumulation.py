@@ -7,12 +7,12 @@ import lightning as L
 import pytest
 import torch.nn.functional as F
 from conftest import ROOT
-from names_reference import split_names
+from helpers.names_reference import split_names
 
-from microgpt.cli import main
-from microgpt.data import NamesDataModule
-from microgpt.module import MicroGPT
-from microgpt.rows import IGNORE_INDEX
+from microgpt.commands.cli import main
+from microgpt.data.datamodule import NamesDataModule
+from microgpt.training.module import MicroGPT
+from microgpt.data.rows import IGNORE_INDEX
 
 
 class MeanOfMeans(MicroGPT):

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from conftest import error_line
-from names_reference import split_names
+from helpers.names_reference import split_names
 
-from microgpt.cli import main
+from microgpt.commands.cli import main
 from microgpt.errors import UserError
-from microgpt.module import MicroGPT
+from microgpt.training.module import MicroGPT
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "names.yaml")

@@ -12,8 +12,8 @@ import torch
 import yaml
 from conftest import error_line
 
-from microgpt.cli import main
-from microgpt.module import MicroGPT
+from microgpt.commands.cli import main
+from microgpt.training.module import MicroGPT
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "names.yaml")

@@ -8,11 +8,11 @@ import zipfile
 
 import torch
 from conftest import ROOT
-from names_reference import rows_of, split_names
+from helpers.names_reference import rows_of, split_names
 
-from microgpt.data import NamesDataModule
-from microgpt.rows import IGNORE_INDEX
-from microgpt.tokenizer import CharTokenizer
+from microgpt.data.datamodule import NamesDataModule
+from microgpt.data.rows import IGNORE_INDEX
+from microgpt.model.tokenizer import CharTokenizer
 
 
 def test_names_file_lines_are_stripped_and_blank_ones_dropped(tmp_path):
@@ -88,8 +88,8 @@ def test_wheel_ships_the_names_and_their_notice(tmp_path):
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("microgpt-*.whl")
     with zipfile.ZipFile(wheel) as archive:
-        assert {"microgpt/names.txt", "microgpt/NOTICE"} <= set(archive.namelist())
-        assert hashlib.sha256(archive.read("microgpt/names.txt")).hexdigest().startswith("0a30b555")
+        assert {"microgpt/data/names.txt", "microgpt/data/NOTICE"} <= set(archive.namelist())
+        assert hashlib.sha256(archive.read("microgpt/data/names.txt")).hexdigest().startswith("0a30b555")
 
 
 def test_real_file_split(names_file):

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_probe import RecordRun
-from sampling_reference import drawn_by_hand
+from helpers.ddp_probe import RecordRun
+from helpers.sampling_reference import drawn_by_hand
 
-from microgpt.cli import main
-from microgpt.module import MicroGPT
+from microgpt.commands.cli import main
+from microgpt.training.module import MicroGPT
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "names-batched.yaml")
@@ -37,7 +37,7 @@ def runs(tmp_path_factory):
     names = tmp / "names.txt"
     names.write_text("\n".join(a + b for a in ("ka", "lo", "mi", "ne", "su", "ta")
                                for b in ("ra", "li", "no", "bel", "x", "dana")) + "\n")
-    probe = json.dumps({"class_path": "ddp_probe.RecordRun", "init_args": {"out_dir": str(tmp)}})
+    probe = json.dumps({"class_path": "helpers.ddp_probe.RecordRun", "init_args": {"out_dir": str(tmp)}})
     # a cache of its own: the session's may already hold a store of a file with the same names
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
            "MICROGPT_CACHE": str(tmp / "cache")}
@@ -65,9 +65,10 @@ def free_port() -> int:
 
 
 def two_node_commands(names: Path, tmp: Path, port: int) -> list[list[str]]:
-    """The multi-node launch of the README, one command per node: torchrun on each, node ranks 0 and 1."""
-    probe = json.dumps({"class_path": "ddp_probe.RecordRun", "init_args": {"out_dir": str(tmp)}})
-    return [["torchrun", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+    """The multi-node launch of the docs, one command per node: torch's launcher (torchrun) on each, node ranks 0 and 1.
+    Run as ``python -m torch.distributed.run`` with this interpreter, so an unactivated virtualenv works too."""
+    probe = json.dumps({"class_path": "helpers.ddp_probe.RecordRun", "init_args": {"out_dir": str(tmp)}})
+    return [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
              "--master_addr", "127.0.0.1", "--master_port", str(port),
              "-m", "microgpt", "fit", *common_args(names, tmp / f"node{node}"),
              "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp",
@@ -196,7 +197,7 @@ def test_predict_on_two_processes_writes_every_name_once_in_one_file(runs, predi
     assert len(names) == 5 and list(tmp.rglob("predictions*.txt")) == [Path(lines[0][1])]
     # each process draws its own share with its own generator, seeded from the run's seed (42), its rank and
     # the chunk: the same draws made here by hand from the checkpoint, one process at a time
-    from microgpt.data import chunk_seed
+    from microgpt.data.datamodule import chunk_seed
 
     expected = []
     for rank, chunks in ((0, (2, 1)), (1, (2,))):
@@ -208,7 +209,7 @@ def test_predict_on_two_processes_writes_every_name_once_in_one_file(runs, predi
 def test_a_failure_in_one_process_is_one_line_and_nothing_hangs(runs, tmp_path):
     """Process 1 stops with a user error at step 2; process 0, waiting on it, says in one line that it lost
     the connection and points at process 1's line, instead of a traceback."""
-    fail = json.dumps({"class_path": "ddp_probe.FailOnRank", "init_args": {"rank": 1, "step": 2}})
+    fail = json.dumps({"class_path": "helpers.ddp_probe.FailOnRank", "init_args": {"rank": 1, "step": 2}})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
            "MICROGPT_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(
@@ -235,7 +236,7 @@ def test_a_resumed_two_process_run_with_dropout_is_exact(runs, tmp_path):
         result = subprocess.run(
             [sys.executable, "-m", "microgpt", "fit", *args, "--model.dropout", "0.3", "--trainer.devices", "2",
              "--trainer.strategy", "ddp", "--trainer.logger", "false", f"--trainer.callbacks+={keep}",
-             '--trainer.callbacks+={"class_path": "ddp_probe.DrawPerRank"}', *extra],
+             '--trainer.callbacks+={"class_path": "helpers.ddp_probe.DrawPerRank"}', *extra],
             check=False, capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
 

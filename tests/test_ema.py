@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from microgpt.callbacks import EMA
-from microgpt.cli import main
+from microgpt.commands.cli import main
 from microgpt.errors import UserError
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "names-batched.yaml")

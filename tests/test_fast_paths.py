@@ -10,10 +10,10 @@ import torch
 from conftest import ROOT
 from torch import nn
 
-from microgpt.cli import main
-from microgpt.data import NamesDataModule
-from microgpt.model import GPT, CausalSelfAttention
-from microgpt.module import MicroGPT
+from microgpt.commands.cli import main
+from microgpt.data.datamodule import NamesDataModule
+from microgpt.model.gpt import GPT, CausalSelfAttention
+from microgpt.training.module import MicroGPT
 
 
 def masked_softmax_attention(q, k, v):

@@ -22,11 +22,11 @@ import pytest
 import torch
 import yaml
 from conftest import error_line
-from names_reference import split_names
+from helpers.names_reference import split_names
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from microgpt.checkpoint import FORMAT, FORMAT_KEY, atomic_torch_save, find_checkpoint, load_checkpoint
-from microgpt.cli import main
+from microgpt.checkpoints.io import FORMAT, FORMAT_KEY, atomic_torch_save, find_checkpoint, load_checkpoint
+from microgpt.commands.cli import main
 from microgpt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,8 +87,8 @@ def runs(tmp_path_factory, disk):
     names.write_text("\n".join(NAMES) + "\n")
     shared, killed = tmp / "shared", tmp / "killed"
     marker = tmp / "halfway"
-    slow = {"class_path": "fault_probe.SlowCheckpointIO", "init_args": {"slow_from": 2, "marker": str(marker)}}
-    fill = {"class_path": "fault_probe.FillDisk", "init_args": {"folder": str(disk), "at_step": EVERY + 1}}
+    slow = {"class_path": "helpers.fault_probe.SlowCheckpointIO", "init_args": {"slow_from": 2, "marker": str(marker)}}
+    fill = {"class_path": "helpers.fault_probe.FillDisk", "init_args": {"folder": str(disk), "at_step": EVERY + 1}}
     procs = {seed: start(fit_args(names, shared, seed)) for seed in (1, 2)}
     procs["ddp"] = start(fit_args(names, shared, 3, [], "--data.batch_size", "2", "--trainer.accelerator", "cpu",
                                   "--trainer.devices", "2", "--trainer.strategy", "ddp"))
@@ -115,9 +115,9 @@ def test_runs_started_together_in_one_folder_each_get_their_own(runs):
     """2 fits and a 2-process DDP fit started at once: 3 folders, each with its own run's config,
     checkpoint and curves. A curve ends at its own checkpoint's val/loss (scored here name by name) and
     starts at its own seed's first loss (computed here, alone)."""
-    from microgpt.data import NamesDataModule
-    from microgpt.loading import load_model
-    from microgpt.sample import score_names
+    from microgpt.data.datamodule import NamesDataModule
+    from microgpt.checkpoints.loading import load_model
+    from microgpt.commands.sample import score_names
 
     for key in (1, 2, "ddp"):
         assert runs["results"][key].returncode == 0, runs["results"][key].stderr[-3000:]
@@ -198,7 +198,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_last_good_checkpoint_stil
     assert os.listdir(last.parent) == ["last.ckpt"]
     assert load_checkpoint(last)["global_step"] == EVERY
 
-    from microgpt.sample import main as sample
+    from microgpt.commands.sample import main as sample
 
     sample(["--ckpt_path", "last", "--root_dir", str(runs["full"]), "--num_samples", "5", "--seed", "1"])
     assert len(capsys.readouterr().out.splitlines()) == 5
@@ -241,7 +241,7 @@ def test_an_injected_enospc_during_a_save_is_one_line_naming_the_last_good_check
 def test_a_full_disk_under_the_token_store_is_one_line_and_leaves_nothing(runs, disk, tmp_path, capsys):
     if disk is None:
         pytest.skip("cannot mount a tmpfs here")
-    from fault_probe import fill
+    from helpers.fault_probe import fill
 
     names = tmp_path / "other.txt"
     names.write_text("\n".join(reversed(NAMES)) + "\n")  # a file of its own, so no store of it exists yet
@@ -266,10 +266,10 @@ def test_a_full_disk_under_the_predictions_is_one_line_and_leaves_nothing(runs, 
     Lightning's or TensorBoard's writers (the config, the curves), in one line too."""
     if disk is None:
         pytest.skip("cannot mount a tmpfs here")
-    from fault_probe import fill as fill_disk
+    from helpers.fault_probe import fill as fill_disk
 
     ckpt = runs["folders"][1] / "checkpoints" / "last.ckpt"
-    fill = {"class_path": "fault_probe.FillDisk", "init_args": {"folder": str(disk)}}
+    fill = {"class_path": "helpers.fault_probe.FillDisk", "init_args": {"folder": str(disk)}}
     root = disk / "predict"
     predict = ["predict", "--config", CONFIG, "--data.path", str(runs["names"]), "--data.val_size", "4",
                "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
@@ -280,7 +280,7 @@ def test_a_full_disk_under_the_predictions_is_one_line_and_leaves_nothing(runs, 
         assert line == f"microgpt: error: cannot write {root / 'predictions.txt'}: {NO_SPACE}"
         assert not [p for p in root.iterdir() if "predictions" in p.name]
 
-        from microgpt.sample import main as sample
+        from microgpt.commands.sample import main as sample
 
         with pytest.raises(SystemExit) as stop:
             sample(["--ckpt_path", str(ckpt), "--output", str(disk / "names.txt")])
@@ -374,7 +374,7 @@ def test_an_unreadable_checkpoint_is_reported_as_unreadable(checkpoint, tmp_path
 def test_sample_on_a_device_this_machine_lacks_is_one_line_naming_it(checkpoint, capsys, device, problem):
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    from microgpt.sample import main as sample
+    from microgpt.commands.sample import main as sample
 
     with pytest.raises(SystemExit) as stop:
         sample(["--ckpt_path", str(checkpoint), "--device", device])
@@ -387,7 +387,7 @@ def test_sample_on_a_device_this_machine_lacks_is_one_line_naming_it(checkpoint,
 
 def test_sample_loads_on_the_cpu_and_moves_the_model(checkpoint, monkeypatch):
     """Whatever ``--device``, the file is read onto the CPU (a GPU-saved checkpoint loads anywhere)."""
-    from microgpt import loading
+    from microgpt.checkpoints import loading
 
     seen = []
     real = loading.load_checkpoint
@@ -431,7 +431,7 @@ def test_a_run_that_writes_nothing_leaves_no_folder(tmp_path):
     (tmp_path / "names.txt").write_text("\n".join(NAMES) + "\n")
     args = ["--config", CONFIG, "--data.path", str(tmp_path / "names.txt"), "--data.val_size", "4",
             "--trainer.default_root_dir", str(tmp_path)]
-    code = f"from microgpt.cli import main; print(main({args!r}, run=False).trainer.log_dir)"
+    code = f"from microgpt.commands.cli import main; print(main({args!r}, run=False).trainer.log_dir)"
     built = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=False)
     assert built.returncode == 0, built.stderr[-3000:]
     assert built.stdout.strip().splitlines()[-1] == str(tmp_path / "lightning_logs" / "version_0")

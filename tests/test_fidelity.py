@@ -1,13 +1,13 @@
-"""The seed recipe through LightningCLI equals the hand-written plain-PyTorch loop in tests/seed_reference.py."""
+"""The seed recipe through LightningCLI equals the hand-written plain-PyTorch loop in tests/helpers/seed_reference.py."""
 
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from seed_reference import train_seed
+from helpers.seed_reference import train_seed
 
-from microgpt.cli import main
+from microgpt.commands.cli import main
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "names.yaml")
 

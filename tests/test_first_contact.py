@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import error_line
-from names_reference import split_names
+from helpers.names_reference import split_names
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from microgpt.cli import main
-from microgpt.data import NamesDataModule
-from microgpt.rows import IGNORE_INDEX
+from microgpt.commands.cli import main
+from microgpt.data.datamodule import NamesDataModule
+from microgpt.data.rows import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHED = str(ROOT / "configs" / "names-batched.yaml")
@@ -193,7 +193,7 @@ def test_best_without_a_best_checkpoint_is_one_line(tmp_path, capsys):
     line = error_line(["test", "--config", str(ROOT / "configs" / "names.yaml"), "--ckpt_path", "best",
                        "--trainer.default_root_dir", str(tmp_path)], capsys)
     assert line.startswith("microgpt: error: --ckpt_path best: no best.ckpt under")
-    from microgpt.sample import main as sample
+    from microgpt.commands.sample import main as sample
 
     with pytest.raises(SystemExit) as stop:
         sample(["--ckpt_path", "best", "--root_dir", str(tmp_path)])
@@ -236,8 +236,8 @@ def test_the_python_api_page_runs_as_written(run_dir):
 
 def test_score_names_averages_to_the_test_loss(run_dir):
     tmp, names, _ = run_dir
-    from microgpt.loading import load_model
-    from microgpt.sample import score_names
+    from microgpt.checkpoints.loading import load_model
+    from microgpt.commands.sample import score_names
 
     tested = main(["test", "--config", BATCHED, "--data.path", str(names), "--data.val_size", "40",
                    "--data.test_size", "40", "--ckpt_path", "best", "--trainer.default_root_dir", str(tmp / "root"),

@@ -15,12 +15,12 @@ from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.profilers import SimpleProfiler
 from lightning.pytorch.trainer import call
 
-from microgpt import lightning_checks
+from microgpt.training import lightning_checks
 from microgpt.callbacks import AtomicCheckpointIO, RunCheckpoint
-from microgpt.cli import main
-from microgpt.data import NamesDataModule
-from microgpt.hooks import QuietProfiler, skip_idle_hooks
-from microgpt.module import MicroGPT
+from microgpt.commands.cli import main
+from microgpt.data.datamodule import NamesDataModule
+from microgpt.training.hooks import QuietProfiler, skip_idle_hooks
+from microgpt.training.module import MicroGPT
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "names.yaml")
 

@@ -5,13 +5,13 @@ import math
 import lightning as L
 import pytest
 import torch
-from names_reference import padded_rows, split_names
+from helpers.names_reference import padded_rows, split_names
 
 from microgpt.callbacks import novelty
-from microgpt.data import NamesDataModule
+from microgpt.data.datamodule import NamesDataModule
 from microgpt.errors import UserError
-from microgpt.module import MicroGPT, lr_factor
-from microgpt.tokenizer import CharTokenizer
+from microgpt.training.module import MicroGPT, lr_factor
+from microgpt.model.tokenizer import CharTokenizer
 
 
 def trained_looking_model(vocab="abcde", seed=0, **kw):

@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-from microgpt.model import GPT
+from microgpt.model.gpt import GPT
 
 
 def test_model_imports_without_lightning():
-    code = "import sys, microgpt.model; assert 'lightning' not in sys.modules, 'lightning was imported'"
+    code = "import sys, microgpt.model.gpt; assert 'lightning' not in sys.modules, 'lightning was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

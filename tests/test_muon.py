@@ -7,7 +7,7 @@ import lightning as L
 import torch
 from conftest import error_line
 
-from microgpt.cli import main
+from microgpt.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "names.yaml")

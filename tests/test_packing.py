@@ -5,15 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from names_reference import padded_batch, padded_rows, rows_of, split_names
+from helpers.names_reference import padded_batch, padded_rows, rows_of, split_names
 from test_fidelity import RecordLosses
 
-from microgpt.batches import first_fit, packed_batch
-from microgpt.cli import main
-from microgpt.data import NamesDataModule
-from microgpt.model import GPT
-from microgpt.rows import IGNORE_INDEX
-from microgpt.tokenizer import CharTokenizer
+from microgpt.data.batches import first_fit, packed_batch
+from microgpt.commands.cli import main
+from microgpt.data.datamodule import NamesDataModule
+from microgpt.model.gpt import GPT
+from microgpt.data.rows import IGNORE_INDEX
+from microgpt.model.tokenizer import CharTokenizer
 
 BATCHED = str(Path(__file__).resolve().parents[1] / "configs" / "names-batched.yaml")
 NAMES = ["ab", "abcd", "a", "abc", "bcd", "ddd", "b"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import ROOT, error_line
 
-from microgpt.cli import main
-from microgpt.sample import main as sample_main
+from microgpt.commands.cli import main
+from microgpt.commands.sample import main as sample_main
 
 CONFIG = str(ROOT / "configs" / "names-batched.yaml")
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import error_line
 
-from microgpt.checkpoint import atomic_torch_save
-from microgpt.cli import main
+from microgpt.checkpoints.io import atomic_torch_save
+from microgpt.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "names.yaml")

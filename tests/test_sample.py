@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
-from sampling_reference import drawn_by_hand
+from helpers.sampling_reference import drawn_by_hand
 
 from microgpt.callbacks import SampleNames
-from microgpt.cli import main
-from microgpt.data import NamesDataModule
-from microgpt.model import GPT
-from microgpt.module import MicroGPT
+from microgpt.commands.cli import main
+from microgpt.data.datamodule import NamesDataModule
+from microgpt.model.gpt import GPT
+from microgpt.training.module import MicroGPT
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "names.yaml")
@@ -111,7 +111,7 @@ def sample_cmd(*args):
 def test_sample_command_prints_reproducible_prefixed_names(checkpoint, tmp_path, capsys):
     """A fresh ``python -m microgpt sample`` process writes the file; the same options in this process print
     the same names; both are the names drawn here by hand."""
-    from microgpt.sample import main as sample
+    from microgpt.commands.sample import main as sample
 
     _, _, ckpt = checkpoint
     out = tmp_path / "names.txt"
@@ -133,7 +133,7 @@ def test_sample_command_prints_reproducible_prefixed_names(checkpoint, tmp_path,
     (["--ckpt_path", "NOT_A_CKPT"], "is not a checkpoint (not a file torch.save writes)."),
 ])
 def test_sample_command_errors_are_one_line(checkpoint, tmp_path, capsys, args, message):
-    from microgpt.sample import main as sample
+    from microgpt.commands.sample import main as sample
 
     _, _, ckpt = checkpoint
     junk = tmp_path / "junk.ckpt"

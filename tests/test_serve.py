@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from serving import ROOT, Server, get, live_session_processes, post, serve_env
+from helpers.serving import ROOT, Server, get, live_session_processes, post, serve_env
 
-from microgpt.cli import main as cli_main
-from microgpt.loading import load_model
-from microgpt.sample import sample_names
+from microgpt.commands.cli import main as cli_main
+from microgpt.checkpoints.loading import load_model
+from microgpt.commands.sample import sample_names
 
 CONFIG = str(ROOT / "configs" / "names.yaml")
 KEY = "s3cret-key"
@@ -156,8 +156,8 @@ def test_a_seed_gives_the_same_names_whatever_else_is_in_the_batch(servers):
 def test_score_is_what_test_scores(servers, models, tmp_path):
     from lightning import Trainer
 
-    from microgpt.data import NamesDataModule
-    from microgpt.module import MicroGPT
+    from microgpt.data.datamodule import NamesDataModule
+    from microgpt.training.module import MicroGPT
 
     names = ["emma", "olivia", "xqzvw", "ava", "maximiliana", "zo"]  # one longer than the context: both cut it
     status, body = post(servers["keyed"].url + "/score", {"names": names}, key=KEY)
@@ -205,7 +205,7 @@ def test_serving_never_imports_lightning(models):
     """What the serving processes run, in a fresh interpreter: build the server, and do a worker's work."""
     code = f"""
 import sys
-from microgpt.serve import PredictAPI, PredictBody, ScoreAPI, ScoreBody, build_server
+from microgpt.commands.serve import PredictAPI, PredictBody, ScoreAPI, ScoreBody, build_server
 build_server({str(models['names'])!r}, "cpu", None, 4, 0.0)
 api = PredictAPI({str(models['names'])!r}, None, 4, 0.0, "/predict")
 api.setup("cpu")

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import same_batch
-from names_reference import padded_batch, split_names, train_batches
+from helpers.names_reference import padded_batch, split_names, train_batches
 
-from microgpt import store as store_module
-from microgpt.batches import EvalBatches, TrainBatches
+from microgpt.data import store as store_module
+from microgpt.data.batches import EvalBatches, TrainBatches
 from microgpt.callbacks import novelty
-from microgpt.cli import main
-from microgpt.data import NamesDataModule
+from microgpt.commands.cli import main
+from microgpt.data.datamodule import NamesDataModule
 from microgpt.errors import UserError
-from microgpt.split import NamesSplit
-from microgpt.store import TokenStore, names_among, read_chunks, scan, seeded_order
+from microgpt.data.split import NamesSplit
+from microgpt.data.store import TokenStore, names_among, read_chunks, scan, seeded_order
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "names-batched.yaml")
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from microgpt.callbacks import SampleNames
-from microgpt.checkpoint import FORMAT, FORMAT_KEY
-from microgpt.data import NamesDataModule
+from microgpt.checkpoints.io import FORMAT, FORMAT_KEY
+from microgpt.data.datamodule import NamesDataModule
 from microgpt.errors import UserError
-from microgpt.model import GPT, keep_top_p
-from microgpt.module import MicroGPT
-from microgpt.request_batch import SampleRequest, generate_batch
-from microgpt.sample import main as sample_main
-from microgpt.sample import sample_names
+from microgpt.model.gpt import GPT, keep_top_p
+from microgpt.training.module import MicroGPT
+from microgpt.model.sampling import SampleRequest, generate_batch
+from microgpt.commands.sample import main as sample_main
+from microgpt.commands.sample import sample_names
 
 PROBS = [0.05, 0.3, 0.12, 0.2, 0.25, 0.08]  # token i has probability PROBS[i]
 

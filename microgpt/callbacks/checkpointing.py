@@ -15,9 +15,9 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from microgpt.checkpoint import atomic_torch_save, load_checkpoint
+from microgpt.checkpoints.io import atomic_torch_save, load_checkpoint
 from microgpt.errors import UserError
-from microgpt.lightning_checks import sigterm_broadcast_is_the_flag_alone
+from microgpt.training.lightning_checks import sigterm_broadcast_is_the_flag_alone
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -96,7 +96,7 @@ class RunCheckpoint(Checkpoint):
         collective and a device sync per step. While this callback's handlers are installed, Lightning's own
         never runs, so that flag stays down and the stop is agreed here instead, on logging steps. The
         broadcast is turned off for this run's loop only, and only where
-        ``microgpt.lightning_checks.sigterm_broadcast_is_the_flag_alone`` finds it to be that broadcast and
+        ``microgpt.training.lightning_checks.sigterm_broadcast_is_the_flag_alone`` finds it to be that broadcast and
         nothing else (an answer that depends on the installed Lightning alone, so every process turns it off
         or none does); another Lightning keeps its own behaviour."""
         if trainer.world_size < 2 or trainer.received_sigterm or not sigterm_broadcast_is_the_flag_alone():

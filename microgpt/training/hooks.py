@@ -5,7 +5,7 @@ each by name, each inside a profiler context: with the recipes' eight callbacks 
 model's step (``docs/speed.md``), though almost none of these hooks does anything.
 
 Lightning 2.6 passes by a hook attribute that is not callable (``lightning/pytorch/trainer/call.py``), which it
-does not document; ``microgpt.lightning_checks.skips_none_hooks`` checks it once per process. Where it holds,
+does not document; ``microgpt.training.lightning_checks.skips_none_hooks`` checks it once per process. Where it holds,
 ``skip_idle_hooks`` sets to ``None``, on the instances, the per-batch hooks a callback or the module leaves as
 Lightning's no-op; a hook that a class overrides, or that returns something Lightning uses, is never touched.
 Where it does not, every hook is called as Lightning ships. ``QuietProfiler`` is Lightning's default
@@ -19,7 +19,7 @@ import contextlib
 import lightning as L
 from lightning.pytorch.profilers import PassThroughProfiler
 
-from microgpt.lightning_checks import skips_none_hooks
+from microgpt.training.lightning_checks import skips_none_hooks
 
 # Called on every batch, return nothing, and Lightning ignores what they return.
 CALLBACK_BATCH_HOOKS = (

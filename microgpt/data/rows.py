@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from microgpt.store import TokenStore, chunks
-from microgpt.tokenizer import CharTokenizer
+from microgpt.data.store import TokenStore, chunks
+from microgpt.model.tokenizer import CharTokenizer
 
 IGNORE_INDEX = -100  # target value of padded positions; F.cross_entropy skips it
 

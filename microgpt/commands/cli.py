@@ -25,13 +25,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from microgpt.callbacks import AtomicCheckpointIO, ProgressBar, Stopped, WriteNames
-from microgpt.checkpoint import find_checkpoint, load_checkpoint
-from microgpt.data import NamesDataModule
+from microgpt.checkpoints.io import find_checkpoint, load_checkpoint
+from microgpt.data.datamodule import NamesDataModule
 from microgpt.errors import UserError
 from microgpt.files import disk_full
-from microgpt.hooks import QuietProfiler, skip_idle_hooks
-from microgpt.module import MicroGPT
-from microgpt.runs import run_version, with_claimed_version
+from microgpt.training.hooks import QuietProfiler, skip_idle_hooks
+from microgpt.training.module import MicroGPT
+from microgpt.checkpoints.runs import run_version, with_claimed_version
 
 DESCRIPTIONS = {
     "fit": "microgpt fit: train a GPT on a file of names (start from a recipe: --config configs/names.yaml).",
@@ -124,7 +124,7 @@ class MicroGPTCLI(LightningCLI):
         """Lightning's default TensorBoard logger without its ``hp_metric`` placeholder; ``predict`` writes its
         names with ``WriteNames`` unless the recipe brings a prediction writer; a progress bar that is not
         redrawn every step; checkpoints written atomically unless the recipe brings its own ``CheckpointIO``;
-        Lightning's hook calls passing by the hooks that do nothing (``microgpt.hooks``); one line for a log
+        Lightning's hook calls passing by the hooks that do nothing (``microgpt.training.hooks``); one line for a log
         folder that cannot be written."""
         config = self.subcommand_config(self.config_init).get("trainer", {})
         root = config.get("default_root_dir") or os.getcwd()

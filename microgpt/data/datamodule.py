@@ -1,9 +1,9 @@
 """The names data as Lightning sees it: the LightningDataModule, and the sampling requests of ``predict``.
 
-A name becomes ``[BOS] + characters + [BOS]`` cut to ``block_size + 1`` tokens (``microgpt.rows``). The
-file is encoded once into a memory-mapped token store (``microgpt.store``) and split by a seeded shuffle
-(``microgpt.split``); batches are cut from it by index, one name per row, right-padded to the batch's
-longest name, or with ``pack`` several names per row of ``block_size`` tokens (``microgpt.batches``).
+A name becomes ``[BOS] + characters + [BOS]`` cut to ``block_size + 1`` tokens (``microgpt.data.rows``). The
+file is encoded once into a memory-mapped token store (``microgpt.data.store``) and split by a seeded shuffle
+(``microgpt.data.split``); batches are cut from it by index, one name per row, right-padded to the batch's
+longest name, or with ``pack`` several names per row of ``block_size`` tokens (``microgpt.data.batches``).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import lightning as L
 import numpy as np
 import torch
 
-from microgpt.batches import EvalBatches, TrainBatches
+from microgpt.data.batches import EvalBatches, TrainBatches
 from microgpt.errors import UserError
-from microgpt.split import NamesSplit
-from microgpt.store import default_cache_dir
-from microgpt.tokenizer import CharTokenizer
+from microgpt.data.split import NamesSplit
+from microgpt.data.store import default_cache_dir
+from microgpt.model.tokenizer import CharTokenizer
 
 # makemore's names.txt (32,033 names, MIT licence; see NOTICE), shipped inside the package
-BUNDLED_NAMES = Path(str(files("microgpt") / "names.txt"))
+BUNDLED_NAMES = Path(str(files("microgpt.data") / "names.txt"))
 
 
 class PredictRequests:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from microgpt.model import GPT, Ensemble, keep_top_p, sampling_problem
+from microgpt.model.gpt import GPT, Ensemble, keep_top_p, sampling_problem
 
 
 @dataclass

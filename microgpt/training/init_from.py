@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from microgpt.errors import UserError
-from microgpt.loading import load_model
-from microgpt.model import GPT
-from microgpt.tokenizer import CharTokenizer
+from microgpt.checkpoints.loading import load_model
+from microgpt.model.gpt import GPT
+from microgpt.model.tokenizer import CharTokenizer
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Start-up checks of the Lightning behaviour that two of microgpt's shortcuts rely on, beyond its documented API.
 
-* ``skips_none_hooks``: Lightning's hook calls pass by a hook attribute that is ``None``, so ``microgpt.hooks``
+* ``skips_none_hooks``: Lightning's hook calls pass by a hook attribute that is ``None``, so ``microgpt.training.hooks``
   may turn off the hooks that do nothing.
 * ``sigterm_broadcast_is_the_flag_alone``: under DDP, the training loop's per-batch broadcast carries only rank
   0's "SIGTERM received" flag, so ``RunCheckpoint``, whose own handlers keep that flag down, may leave it out.

@@ -11,10 +11,10 @@ import os
 
 import torch
 
-from microgpt.checkpoint import load_checkpoint
+from microgpt.checkpoints.io import load_checkpoint
 from microgpt.errors import UserError
-from microgpt.model import GPT
-from microgpt.tokenizer import CharTokenizer
+from microgpt.model.gpt import GPT
+from microgpt.model.tokenizer import CharTokenizer
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, CharTokenizer]:

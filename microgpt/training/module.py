@@ -11,18 +11,18 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from microgpt.batches import Batch
-from microgpt.checkpoint import FORMAT, FORMAT_KEY
+from microgpt.data.batches import Batch
+from microgpt.checkpoints.io import FORMAT, FORMAT_KEY
 from microgpt.errors import UserError
-from microgpt.init_from import StartModel
-from microgpt.loading import load_members
-from microgpt.model import GPT, Ensemble, size_problem
-from microgpt.optim import MuonWithAdamW
-from microgpt.random_state import restore_random_state, saved_random_state
-from microgpt.rows import IGNORE_INDEX
-from microgpt.sample import sample_names
-from microgpt.step_losses import StepLosses, first_non_finite
-from microgpt.tokenizer import CharTokenizer
+from microgpt.training.init_from import StartModel
+from microgpt.checkpoints.loading import load_members
+from microgpt.model.gpt import GPT, Ensemble, size_problem
+from microgpt.training.optimizers import MuonWithAdamW
+from microgpt.training.random_state import restore_random_state, saved_random_state
+from microgpt.data.rows import IGNORE_INDEX
+from microgpt.commands.sample import sample_names
+from microgpt.training.step_losses import StepLosses, first_non_finite
+from microgpt.model.tokenizer import CharTokenizer
 
 
 class NonFiniteLoss(UserError):
@@ -185,7 +185,7 @@ class MicroGPT(L.LightningModule):
         return (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == self.trainer.num_training_batches
 
     def record_step_loss(self, part: torch.Tensor) -> None:
-        """Keep this process's part of the finished step's loss (``microgpt.step_losses``), and on logging steps
+        """Keep this process's part of the finished step's loss (``microgpt.training.step_losses``), and on logging steps
         check the losses kept so far and log the latest."""
         self.step_losses.record(self.global_step + 1, part)
         if self.logs_this_step():
@@ -277,7 +277,7 @@ class MicroGPT(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Refuse to save weights trained on a non-finite loss; store the format version and the random
-        state (``microgpt.random_state``; a collective under DDP: every process saves)."""
+        state (``microgpt.training.random_state``; a collective under DDP: every process saves)."""
         if self.trainer.training:
             self.check_losses()
         checkpoint[FORMAT_KEY] = FORMAT

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import IterableDataset
 
-from microgpt.rows import IGNORE_INDEX, NameRows
+from microgpt.data.rows import IGNORE_INDEX, NameRows
 
 
 class Batch(NamedTuple):

@@ -5,7 +5,7 @@
 
 * ``POST /predict`` ``{"count", "prefix", "temperature", "top_k", "top_p", "seed"}`` (all optional) answers
   ``{"names": [...]}``. Requests that arrive together are drawn in one batch of rows, each with its own settings
-  and, when seeded, its own random numbers (``microgpt.request_batch``).
+  and, when seeded, its own random numbers (``microgpt.model.sampling``).
 * ``POST /score`` ``{"names": [...]}`` answers ``{"nll": [...]}``: each name's mean negative log-likelihood per
   character, its end included, as ``test`` scores it.
 * ``GET /`` the page (``page.html``); ``GET /health`` answers ``ok`` once the model is loaded.
@@ -37,9 +37,9 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from microgpt.errors import UserError
-from microgpt.loading import load_model
-from microgpt.request_batch import SampleRequest, generate_batch
-from microgpt.sample import positive_int, resolve, score_names
+from microgpt.checkpoints.loading import load_model
+from microgpt.model.sampling import SampleRequest, generate_batch
+from microgpt.commands.sample import positive_int, resolve, score_names
 
 MAX_COUNT = 1000  # names per /predict request
 MAX_NAMES = 1000  # names per /score request
@@ -217,7 +217,7 @@ class ScoreAPI(CheckpointAPI):
 def page() -> tuple[str, str]:
     """The page and its Content-Security-Policy: only its own inline script and style run, nothing is fetched
     from elsewhere, and it may talk to this server alone."""
-    html = (files("microgpt") / "page.html").read_text(encoding="utf-8")
+    html = (files("microgpt.commands") / "page.html").read_text(encoding="utf-8")
     digest = lambda tag: " ".join(
         f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
         for body in re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL))

@@ -9,7 +9,7 @@
   (``--ckpt_path last`` / ``best``).
 
 The Lightning side (``RunCheckpoint``, which decides when to save) is in ``microgpt.callbacks.checkpointing``;
-rebuilding a model from a checkpoint is ``microgpt.loading``.
+rebuilding a model from a checkpoint is ``microgpt.checkpoints.loading``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from microgpt.devices import device_problem
+from microgpt.commands.devices import device_problem
 from microgpt.errors import UserError
 from microgpt.files import WriteFailed, atomic_write
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from microgpt.checkpoint import find_checkpoint
-from microgpt.devices import device_problem
+from microgpt.checkpoints.io import find_checkpoint
+from microgpt.commands.devices import device_problem
 from microgpt.errors import UserError
 from microgpt.files import WriteFailed, atomic_write
-from microgpt.loading import load_members, load_model
-from microgpt.model import GPT, Ensemble, sampling_problem
-from microgpt.tokenizer import CharTokenizer
+from microgpt.checkpoints.loading import load_members, load_model
+from microgpt.model.gpt import GPT, Ensemble, sampling_problem
+from microgpt.model.tokenizer import CharTokenizer
 
 
 def sample_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, num_samples: int, temperature: float = 0.5,

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from microgpt.model import GPT
+from microgpt.model.gpt import GPT
 
 
 def drawn_by_hand(ckpt: Path, num_samples: int, temperature: float = 0.5, top_k: int | None = None, prefix: str = "",

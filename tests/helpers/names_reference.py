@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from microgpt.batches import Batch
-from microgpt.rows import IGNORE_INDEX, NameRows
-from microgpt.store import ensure_store
-from microgpt.tokenizer import CharTokenizer
+from microgpt.data.batches import Batch
+from microgpt.data.rows import IGNORE_INDEX, NameRows
+from microgpt.data.store import ensure_store
+from microgpt.model.tokenizer import CharTokenizer
 
 
 def row_tokens(name: str, tokenizer: CharTokenizer, block_size: int) -> list[int]:
