@@ -22,6 +22,8 @@ def token_store_cache(tmp_path_factory) -> Iterator[Path]:
     cache = tmp_path_factory.mktemp("cache")
     patch = pytest.MonkeyPatch()
     patch.setenv("MICROGPT_CACHE", str(cache))
+    # a test that unsets MICROGPT_CACHE to try the default still lands in a temporary folder
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
     yield cache
     patch.undo()
 
