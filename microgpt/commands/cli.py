@@ -214,14 +214,27 @@ def without_old_optimizer(config):
     return config
 
 
+RESTRICTIONS = {"PositiveInt": "a positive integer", "NonNegativeInt": "zero or more", "PositiveFloat": "positive",
+                "NonNegativeFloat": "zero or more", "ClosedUnitInterval": "in [0, 1]", "OpenUnitInterval": "in (0, 1)",
+                "Dropout": "in [0, 1)"}
+
+
 def one_line(message: str, parser) -> str:
-    """jsonargparse's error as one line; for a flag that does not exist, the closest one that does."""
-    first = message.strip().splitlines()[0] if message.strip() else "bad arguments"
+    """jsonargparse's error as one line: a value outside its type's range as the sentence microgpt's own checks
+    write, a flag that does not exist with the closest one that does, anything else its first words."""
+    lines = [line.strip(" -") for line in message.strip().splitlines() if line.strip(" -")] or ["bad arguments"]
+    key = re.fullmatch(r'Parser key "([^"]+)":', lines[0])
+    if key and len(lines) > 1:
+        if (typed := re.fullmatch(r"Not of type (\w+): (.*?) does not conform to restriction .*", lines[1])) and \
+                typed[1] in RESTRICTIONS:
+            return f"--{key[1]} must be {RESTRICTIONS[typed[1]]}, got {typed[2]}."
+        given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
+        return f"--{key[1]}: {lines[1]}" if given is None else f"--{key[1]} cannot be {given!r}."
     flags = [option for action in parser._actions for option in action.option_strings]
     for given in re.findall(r"--[\w.]+", message):
         if given not in flags and (close := difflib.get_close_matches(given, flags, n=1, cutoff=0.6)):
-            return f"{first.rstrip('.')}; did you mean {close[0]}?"
-    return first
+            return f"{lines[0].rstrip('.')}; did you mean {close[0]}?"
+    return lines[0]
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:

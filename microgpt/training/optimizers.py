@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from microgpt.errors import UserError
 
@@ -97,6 +97,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         return loss
 
 
+# a schedule class and its settings: like Lightning's LRSchedulerCallable, and also given the run's optimizer steps
+RunScheduleCallable = Callable[[torch.optim.Optimizer, int], LRScheduler]
 SETTINGS = ("lr_lambdas", "total_steps", "warmup_steps", "min_lr_ratio")
 
 
@@ -112,7 +114,7 @@ class WarmupCosine(LambdaLR):
         min_lr_ratio: The fraction of the peak the decay ends at, in [0, 1].
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int = 1, warmup_steps: int = 0,
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
                  min_lr_ratio: float = 0.0):
         if warmup_steps < 0:
             raise UserError(f"warmup_steps must be zero or more, got {warmup_steps}.")
