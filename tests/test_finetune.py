@@ -103,7 +103,7 @@ class FirstBatch(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == 1:
-            self.batch, self.loss = batch, float(pl_module.last_train_loss)
+            self.batch, self.loss = batch, float(pl_module.step_losses.latest)
 
 
 @pytest.mark.parametrize("pack", ["false", "true"])

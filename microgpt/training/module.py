@@ -51,10 +51,12 @@ class MicroGPT(L.LightningModule):
     """
 
     def __init__(self, vocab: str, n_embd: PositiveInt = 16, n_head: PositiveInt = 4, n_layer: PositiveInt = 1,
-                 block_size: PositiveInt = 8, dropout: Dropout = 0.0,
+                 block_size: int = 8, dropout: Dropout = 0.0,
                  optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: RunScheduleCallable = WarmupCosine,
                  compile: bool = False, ensemble: list[str] | None = None, init_from: str | None = None):
         super().__init__()
+        # plain numbers (the command line's are typed): they are saved as the checkpoint's hyper-parameters
+        (n_embd, n_head, n_layer, block_size), dropout = map(int, (n_embd, n_head, n_layer, block_size)), float(dropout)
         if problem := size_problem("--model.", n_embd=n_embd, n_head=n_head, n_layer=n_layer, block_size=block_size,
                                    dropout=dropout):
             raise UserError(problem)
@@ -97,9 +99,6 @@ class MicroGPT(L.LightningModule):
             self.log("train/loss", step_loss)  # loggers only: a progress-bar value is a host sync per step
         return loss
 
-    def on_train_start(self) -> None:
-        self.step_losses.start_fit()
-
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
         if ended_the_run(self.trainer, batch_idx):
             # Lightning validates a fit asked to stop: the final weights are scored where ModelCheckpoint sees it
@@ -125,6 +124,7 @@ class MicroGPT(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         check_trainer(self.trainer, stage)
+        self.step_losses.start_fit()
         if self.ensemble_paths and stage == "fit":
             raise UserError("--model.ensemble averages finished runs in validate, test and predict; "
                             "train each member with its own fit.")

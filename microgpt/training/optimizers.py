@@ -54,6 +54,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, muon_lr: float = 0.02, muon_momentum: float = 0.95,
                  muon_weight_decay: float = 0.0, muon_params: str = r"blocks\."):
+        for name, value, ok, words in (("muon_lr", muon_lr, muon_lr > 0, "positive"),
+                                       ("muon_momentum", muon_momentum, 0 <= muon_momentum < 1, "in [0, 1)"),
+                                       ("muon_weight_decay", muon_weight_decay, muon_weight_decay >= 0, "zero or more")):
+            if not ok:
+                raise UserError(f"{name} must be {words}, got {value}.")
         muon_type = getattr(torch.optim, "Muon", None)
         if muon_type is None:
             raise UserError(f"MuonWithAdamW needs torch.optim.Muon, which torch {torch.__version__} lacks (torch 2.9 "
