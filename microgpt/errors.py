@@ -45,7 +45,11 @@ def exit_on_user_error(prog: str, translate: Callable[[BaseException], UserError
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, with a bad flag or value raised as a ``UserError`` (one line) instead of a usage dump."""
+    """argparse refusing abbreviated flags, with a bad flag or value raised as a ``UserError`` (one line) instead
+    of a usage dump."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str):
         raise UserError(message)

@@ -175,7 +175,8 @@ class MicroGPTCLI(LightningCLI):
         if trainer.interrupted or model.step_losses.latest is None:
             return
         val_loss = trainer.callback_metrics.get("val/loss")
-        val = f"{float(val_loss):.4f}" if val_loss is not None else "n/a"
+        scored = val_loss is not None and len(self.datamodule.val_rows) > 0  # no names: no loss, rather than NaN
+        val = f"{float(val_loss):.4f}" if scored else "n/a"
         train_loss = model.step_losses.summed_latest(trainer)  # summed over the processes: every one of them asks
         rank_zero_info(
             f"final: step {trainer.global_step} | train loss {train_loss:.4f} "

@@ -100,9 +100,8 @@ class MicroGPT(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
-        if ended_the_run(self.trainer, batch_idx):
-            # Lightning validates a fit asked to stop: the final weights are scored where ModelCheckpoint sees it
-            self.trainer.should_stop = True
+        if ended_the_run(self.trainer, batch_idx):  # Lightning validates a fit asked to stop, in the fit:
+            self.trainer.should_stop = True  # ModelCheckpoint sees the final weights' val/loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.val_nll.update(self.token_nll(batch))
@@ -171,11 +170,10 @@ class MicroGPT(L.LightningModule):
 
     def log_scores(self, split: str, nll: MeanMetric) -> None:
         """The mean NLL per character (synced over processes), perplexity and bits per character of a split."""
-        if nll.update_called:
-            loss = nll.compute()
-            self.log_dict({f"{split}/loss": loss, f"{split}/ppl": loss.exp(), f"{split}/bpc": loss / math.log(2)},
-                          prog_bar=split == "val", sync_dist=True)  # equal on every process: the mean is the value
+        loss = nll.compute()  # NaN for a split without names (ModelCheckpoint needs a val/loss once it validates)
         nll.reset()
+        self.log_dict({f"{split}/loss": loss, f"{split}/ppl": loss.exp(), f"{split}/bpc": loss / math.log(2)},
+                      prog_bar=split == "val", sync_dist=True)  # equal on every process: the mean is the value
 
     def sample(self, num_samples: int, temperature: float = 0.5, top_k: int | None = None, prefix: str = "",
                generator: torch.Generator | None = None, top_p: float | None = None) -> list[str]:
