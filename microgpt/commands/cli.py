@@ -154,7 +154,7 @@ class MicroGPTCLI(LightningCLI):
         refuses, and for a log folder that cannot be written, before anything is written."""
         try:
             trainer = super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, ValueError, RuntimeError) as err:
+        except (MisconfigurationException, ValueError, RuntimeError, ImportError) as err:
             if user_error_behind(err) is not None:
                 raise
             config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer", {})
@@ -209,7 +209,7 @@ def without_old_optimizer(config):
         return config
     for part in config.values():
         model = part.get("model") if isinstance(part, dict) else None
-        if isinstance(model, dict) and not isinstance(model.get("optimizer", {}), dict):
+        if isinstance(model, dict) and not isinstance(model.get("optimizer"), dict):
             for key in OLD_OPTIMIZER_KEYS:
                 model.pop(key, None)
     return config
