@@ -19,12 +19,14 @@ import warnings
 from pathlib import Path
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from microgpt.callbacks import Stopped, WriteNames
+from microgpt.callbacks import RunLogger, Stopped, WriteNames
 from microgpt.checkpoints.io import find_checkpoint, load_checkpoint
+from microgpt.checkpoints.runs import with_claimed_version
 from microgpt.data.datamodule import NamesDataModule
 from microgpt.errors import UserError, exit_on_user_error, user_error_behind
 from microgpt.files import disk_full
@@ -152,6 +154,10 @@ class MicroGPTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """Lightning's trainer, with one line for settings it cannot set up here, for a trainer setting microgpt
         refuses, and for a log folder that cannot be written, before anything is written."""
+        spec = self.config.get(str(self.subcommand), self.config)["trainer"].get("logger")
+        logger = self.config_init.get(str(self.subcommand), self.config_init)["trainer"].get("logger")
+        if isinstance(spec, Namespace) and not isinstance(logger, RunLogger):  # a user's own TensorBoard or CSV
+            kwargs.setdefault("logger", with_claimed_version(logger, spec.init_args.as_dict()))  # logger too
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError, RuntimeError, ImportError) as err:
