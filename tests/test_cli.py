@@ -167,3 +167,18 @@ def test_the_saved_config_runs_again_to_the_same_weights(tiny_names, tmp_path):
     again = main(["fit", "--config", str(saved), "--trainer.default_root_dir", str(tmp_path / "b")])
     for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("command", ["validate", "predict"])
+def test_a_checkpoint_with_the_old_optimizer_settings_is_scored_and_sampled(command, tmp_path):
+    """tests/data/old_format_last.ckpt keeps lr, betas, warmup_steps... among its hyper-parameters, which
+    LightningCLI reads back with --ckpt_path; the recipe chooses the optimizer."""
+    old = ROOT / "tests" / "data"
+    cli = main([command, "--config", CONFIG, "--data.path", str(old / "old_names.txt"), "--data.val_size", "4",
+                "--model.n_embd", "8", "--model.n_head", "2", "--ckpt_path", str(old / "old_format_last.ckpt"),
+                "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false"])
+    if command == "validate":
+        assert math.isfinite(float(cli.trainer.callback_metrics["val/loss"]))
+    else:
+        assert len((tmp_path / "predictions.txt").read_text().splitlines()) == 20
