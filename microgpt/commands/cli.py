@@ -102,12 +102,12 @@ class MicroGPTCLI(LightningCLI):
     """LightningCLI with the context length shared by model and data, and the vocabulary linked from the data."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.block_size", "data.block_size", compute_fn=int, apply_on="parse")
+        parser.link_arguments("model.block_size", "data.block_size", apply_on="parse")
         parser.link_arguments("model.compile", "data.static_shapes", apply_on="parse")
         parser.link_arguments("data.vocab", "model.vocab", compute_fn=self.model_vocab, apply_on="instantiate")
         parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir", compute_fn=root_dir,
                               apply_on="parse")
-        parser.add_lightning_class_args(WriteNames, "predictions")  # idle but in fit, validate and test
+        parser.add_lightning_class_args(WriteNames, "predictions")  # in every subcommand; writes in predict
 
     def parse_arguments(self, parser, args) -> None:
         """Parse, then resolve ``--ckpt_path last`` or ``best`` and check the checkpoint before anything reads it."""
