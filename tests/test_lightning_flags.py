@@ -137,3 +137,16 @@ def test_callback_class_paths_of_older_recipes_still_work(tiny_names, tmp_path):
     cli = fit(tiny_names, tmp_path, "--trainer.max_steps", "2", "--trainer.callbacks", monitor)
     assert [type(c).__name__ for c in cli.trainer.callbacks if "LearningRate" in type(c).__name__] == [
         "LearningRateCurves"]
+
+
+def test_resuming_with_another_optimizer_is_one_line(tiny_names, tmp_path, capsys):
+    fit(tiny_names, tmp_path, "--trainer.max_steps", "2", "--trainer.logger", "false")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(SystemExit) as stop:
+        fit(tiny_names, tmp_path, "--trainer.max_steps", "4", "--trainer.logger", "false", "--ckpt_path", "last",
+            "--model.optimizer", "microgpt.training.optimizers.MuonWithAdamW")
+    assert stop.value.code == 2
+    # one block: AdamW's 6 matrices and the head decayed, 2 embeddings not; Muon takes the 6 matrices
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"microgpt: error: {last}: its optimizer state holds parameter groups of [7, 2] parameters, and this run's "
+        "MuonWithAdamW has [6, 1, 2]; resume with the optimizer the run was trained with (--model.optimizer).")

@@ -22,7 +22,7 @@ from microgpt.errors import UserError
 from microgpt.model.gpt import GPT, Ensemble, size_problem
 from microgpt.model.tokenizer import CharTokenizer
 from microgpt.training.init_from import StartModel
-from microgpt.training.optimizers import RunScheduleCallable, WarmupCosine, parameter_groups
+from microgpt.training.optimizers import RunScheduleCallable, WarmupCosine, check_resumable, parameter_groups
 from microgpt.training.random_state import restore_random_state, saved_random_state
 from microgpt.training.step_losses import StepLosses
 from microgpt.training.steps import ended_the_run
@@ -83,9 +83,8 @@ class MicroGPT(L.LightningModule):
         return self.predictor(idx, positions=positions)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        """The mean NLL over every target token of the optimizer step, whichever process and micro-batch holds it:
-        a micro-batch's NLL sum over the step's token count (counted on the host), times W processes (DDP averages
-        gradients) and N micro-batches (Lightning divides by N), with no collective."""
+        """The mean NLL over every target token of the optimizer step: a micro-batch's NLL sum over the step's token
+        count (on the host), times W processes (DDP averages) and N micro-batches (Lightning divides by N)."""
         logits, targets = self.train_forward(batch.inputs, positions=batch.positions).flatten(0, 1), batch.targets.flatten()
         scale = self.trainer.world_size * self.trainer.accumulate_grad_batches
         if scale == 1:
@@ -137,6 +136,8 @@ class MicroGPT(L.LightningModule):
             schedule = self.lr_scheduler(optimizer, int(self.trainer.estimated_stepping_batches))
         except ValueError as err:
             raise UserError(f"--model.optimizer / --model.lr_scheduler: {err}") from None
+        if self.trainer.ckpt_path:  # resuming: the same kind of optimizer
+            check_resumable(self.trainer.ckpt_path, optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

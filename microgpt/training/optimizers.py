@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from microgpt.checkpoints.io import load_checkpoint
 from microgpt.errors import UserError
 
 
@@ -27,6 +28,18 @@ def parameter_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
         group["params"].append(p)
         group["param_names"].append(name)
     return [decay, no_decay]
+
+
+def check_resumable(path: str, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, in one line, to resume the checkpoint at ``path`` with an optimizer whose parameter groups differ
+    from those its optimizer state was saved with (another optimizer than the run's)."""
+    saved = [len(g["params"]) for state in load_checkpoint(path).get("optimizer_states", [])[:1]
+             for g in state["param_groups"]]
+    groups = [len(g["params"]) for g in optimizer.param_groups]
+    if saved and saved != groups:
+        raise UserError(f"{path}: its optimizer state holds parameter groups of {saved} parameters, and this run's "
+                        f"{type(optimizer).__name__} has {groups}; resume with the optimizer the run was trained "
+                        "with (--model.optimizer).")
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
