@@ -94,7 +94,7 @@ def main() -> None:
         runs = {
             "fine-tuned": ("--model.init_from", start),
             "from scratch": (),
-            "from scratch, lr 2e-3": ("--model.lr", "0.002", "--model.min_lr", "0.0005"),
+            "from scratch, lr 2e-3": ("--model.optimizer.lr", "0.002", "--model.lr_scheduler.min_lr_ratio", "0.25"),
         }
         print(f"{label}: {len(names)} names, 50 held out; {args.steps} steps from {start}")
         print("| run | final val loss | best val loss | samples |")

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from collections import defaultdict
 from pathlib import Path
 
@@ -128,7 +129,8 @@ def lightning_train(names, batch_size, n_embd, n_head, n_layer, block_size, step
 
     L.seed_everything(42, verbose=False)
     data = NamesDataModule(path=str(names), block_size=block_size, batch_size=batch_size, pack=pack)
-    model = MicroGPT(data.vocab, n_embd, n_head, n_layer, block_size, lr=lr)
+    optimizer = partial(torch.optim.AdamW, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    model = MicroGPT(data.vocab, n_embd, n_head, n_layer, block_size, optimizer=optimizer)
     clock = Clock()
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -138,7 +140,7 @@ def lightning_train(names, batch_size, n_embd, n_head, n_layer, block_size, step
     trainer.fit(model, datamodule=data)
     if profile is not None:
         profile.disable()
-    return clock.seconds / (steps - steps // 10), float(model.last_train_loss)
+    return clock.seconds / (steps - steps // 10), float(model.step_losses.latest)
 
 
 def throughput(names: Path, rounds: int, scale: float) -> None:
@@ -238,7 +240,6 @@ def interleaved_round(names: Path, label: str) -> None:
     import lightning as L
 
     from microgpt.commands.cli import main as cli_main
-    from microgpt.training.hooks import skip_idle_hooks
 
     config, extra, settings = GOALS[label][:3]
     steps, block = INTERLEAVED[label]
@@ -274,7 +275,6 @@ def interleaved_round(names: Path, label: str) -> None:
                         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
                         "--trainer.default_root_dir", tmp], run=False)
         cli.trainer.callbacks.append(clock)
-        skip_idle_hooks(cli.trainer)  # the clock's idle hooks cost the Lightning side nothing, like the others'
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     print(clock.lightning / clock.lightning_steps, clock.plain / clock.plain_steps)
 

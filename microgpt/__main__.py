@@ -6,6 +6,8 @@ This file imports neither torch nor Lightning, so that the overview below prints
 
 import sys
 
+from microgpt.errors import UserError, exit_on_user_error
+
 USAGE = """\
 usage: microgpt {fit,validate,test,predict,sample,serve} [options]
 
@@ -40,13 +42,13 @@ def main() -> None:
 
         sample_main(sys.argv[2:])
     elif command == ["serve"]:
-        try:
-            from microgpt.commands.serve import main as serve_main
-        except ModuleNotFoundError as err:
-            if err.name != "litserve":
-                raise
-            print("microgpt serve: error: serving needs LitServe: pip install 'microgpt[serve]'", file=sys.stderr)
-            raise SystemExit(2) from None
+        with exit_on_user_error("microgpt serve"):
+            try:
+                from microgpt.commands.serve import main as serve_main
+            except ModuleNotFoundError as err:
+                if err.name != "litserve":
+                    raise
+                raise UserError("serving needs LitServe: pip install 'microgpt[serve]'") from None
         serve_main(sys.argv[2:])
     else:
         from microgpt.commands.cli import main as cli_main

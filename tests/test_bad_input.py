@@ -8,12 +8,14 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import error_line
 from helpers.names_reference import split_names
 
 from microgpt.commands.cli import main
 from microgpt.errors import UserError
 from microgpt.training.module import MicroGPT
+from microgpt.training.optimizers import MuonWithAdamW, WarmupCosine, parameter_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "names.yaml")
@@ -67,16 +69,24 @@ def test_trainer_flags_that_contradict_the_recipe_are_one_line(tiny_names, tmp_p
 @pytest.mark.parametrize("setting, message", [
     ({"n_head": -1}, "--model.n_head must be a positive integer, got -1."),
     ({"n_layer": 0}, "--model.n_layer must be a positive integer, got 0."),
-    ({"lr": 0.0}, "--model.lr must be positive, got 0.0."),
     ({"dropout": 1.0}, "--model.dropout must be in [0, 1), got 1.0."),
-    ({"warmup_steps": -5}, "--model.warmup_steps must be zero or more, got -5."),
-    ({"muon_lr": 0.0}, "--model.muon_lr must be positive, got 0.0."),
-    ({"muon_momentum": 1.0}, "--model.muon_momentum must be in [0, 1), got 1.0."),
-    ({"muon_weight_decay": -0.1}, "--model.muon_weight_decay must be zero or more, got -0.1."),
 ])
 def test_out_of_range_model_settings_through_the_api(setting, message):
     with pytest.raises(UserError) as error:
         MicroGPT(vocab="abc", **setting)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda groups: WarmupCosine(torch.optim.AdamW(groups), 10, warmup_steps=-5),
+     "warmup_steps must be zero or more, got -5."),
+    (lambda groups: MuonWithAdamW(groups, muon_lr=0.0), "muon_lr must be positive, got 0.0."),
+    (lambda groups: MuonWithAdamW(groups, muon_momentum=1.0), "muon_momentum must be in [0, 1), got 1.0."),
+    (lambda groups: MuonWithAdamW(groups, muon_weight_decay=-0.1), "muon_weight_decay must be zero or more, got -0.1."),
+])
+def test_out_of_range_optimizer_settings_through_the_api(make, message):
+    with pytest.raises(UserError) as error:
+        make(parameter_groups(MicroGPT(vocab="abc").gpt))
     assert str(error.value) == message
 
 

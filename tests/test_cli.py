@@ -127,3 +127,58 @@ def test_recipes_parse_and_train_a_few_steps(recipe, tiny_names, tmp_path):
     assert cli.trainer.global_step == 3
     assert math.isfinite(float(cli.trainer.callback_metrics["val/loss"]))
     assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_misspelt_flag_is_one_line_naming_the_closest(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", CONFIG, "--trainer.max_stpes", "10"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "microgpt: error: unrecognized arguments: --trainer.max_stpes 10; did you mean --trainer.max_steps?"]
+
+
+def test_an_abbreviated_flag_is_refused(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", CONFIG, "--trainer.max_step", "10"])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("microgpt: error: unrecognized arguments: --trainer.max_step 10")
+
+
+def test_fit_help_has_one_way_to_choose_an_optimizer_and_says_what_ckpt_path_takes(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert "--model.optimizer OPTIMIZER" in out and "--model.lr_scheduler LR_SCHEDULER" in out
+    assert not re.search(r"^  --(optimizer|lr_scheduler) ", out, flags=re.MULTILINE)
+    ckpt_help = " ".join(out.split("--ckpt_path CKPT_PATH\n", 1)[1].split("--", 1)[0].split())
+    assert "'last' / 'best'" in ckpt_help and "hpc" not in ckpt_help
+
+
+def test_the_saved_config_runs_again_to_the_same_weights(tiny_names, tmp_path):
+    first = main(["fit", "--config", CONFIG, "--data.path", str(tiny_names), "--data.val_size", "3",
+                  "--trainer.max_steps", "5", "--trainer.default_root_dir", str(tmp_path / "a"),
+                  "--trainer.enable_progress_bar", "false"])
+    saved = tmp_path / "a" / "lightning_logs" / "version_0" / "config.yaml"
+    config = yaml.safe_load(saved.read_text())
+    assert config["trainer"]["logger"]["class_path"] == "microgpt.callbacks.RunLogger"
+    assert config["trainer"]["plugins"] == [{"class_path": "microgpt.callbacks.AtomicCheckpointIO"}]
+    assert config["model"]["optimizer"]["class_path"] == "torch.optim.AdamW"
+    again = main(["fit", "--config", str(saved), "--trainer.default_root_dir", str(tmp_path / "b")])
+    for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("command", ["validate", "predict"])
+def test_a_checkpoint_with_the_old_optimizer_settings_is_scored_and_sampled(command, tmp_path):
+    """tests/data/old_format_last.ckpt keeps lr, betas, warmup_steps... among its hyper-parameters, which
+    LightningCLI reads back with --ckpt_path; the recipe chooses the optimizer."""
+    old = ROOT / "tests" / "data"
+    cli = main([command, "--config", CONFIG, "--data.path", str(old / "old_names.txt"), "--data.val_size", "4",
+                "--model.n_embd", "8", "--model.n_head", "2", "--ckpt_path", str(old / "old_format_last.ckpt"),
+                "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false"])
+    if command == "validate":
+        assert math.isfinite(float(cli.trainer.callback_metrics["val/loss"]))
+    else:
+        assert len((tmp_path / "predictions.txt").read_text().splitlines()) == 20

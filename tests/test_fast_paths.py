@@ -46,7 +46,7 @@ class StepLosses(L.Callback):
         self.compiled, self.losses, self.after_first_step = compiled, [], None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(pl_module.last_train_loss))
+        self.losses.append(float(pl_module.step_losses.latest))
         if self.after_first_step is None:
             self.after_first_step = len(self.compiled)
 

@@ -103,7 +103,7 @@ class FirstBatch(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == 1:
-            self.batch, self.loss = batch, float(pl_module.last_train_loss)
+            self.batch, self.loss = batch, float(pl_module.step_losses.latest)
 
 
 @pytest.mark.parametrize("pack", ["false", "true"])
@@ -263,7 +263,8 @@ def test_the_finetune_recipe_keeps_the_best_checkpoint(pretrained, tmp_path):
                 "--model.init_from", str(pretrained), "--data.path", str(names), "--data.val_size", "4",
                 "--trainer.max_steps", "6", "--trainer.val_check_interval", "2", "--trainer.logger", "false",
                 "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
-    assert cli.model.hparams.lr == 0.0005
+    optimizer = cli.config["fit"]["model"]["optimizer"]  # finetune.yaml's lr over the first recipe's AdamW
+    assert optimizer["class_path"] == "torch.optim.AdamW" and optimizer["init_args"]["lr"] == 0.0005
     best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
     assert best["hyper_parameters"]["vocab"] == "abcdefgijklmnoprstuvyz"
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()

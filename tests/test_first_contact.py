@@ -124,7 +124,7 @@ def test_throughput_counts_every_batch_between_logging_steps(tiny_names, monkeyp
     logged = []
     logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
     trainer = SimpleNamespace(loggers=[logger], log_every_n_steps=10, global_step=0, is_global_zero=True,
-                              datamodule=data)
+                              datamodule=data, accumulate_grad_batches=1, num_training_batches=float("inf"))
     clock = iter(range(100))
     monkeypatch.setattr(callbacks.time, "perf_counter", lambda: float(next(clock)))  # each reading a second later
     throughput = Throughput()

@@ -1,6 +1,7 @@
 """Held-out metrics, padding, the optimizer's parameter groups and the learning-rate schedule."""
 
 import math
+from functools import partial
 
 import lightning as L
 import pytest
@@ -10,7 +11,8 @@ from helpers.names_reference import padded_rows, split_names
 from microgpt.callbacks import novelty
 from microgpt.data.datamodule import NamesDataModule
 from microgpt.errors import UserError
-from microgpt.training.module import MicroGPT, lr_factor
+from microgpt.training.module import MicroGPT
+from microgpt.training.optimizers import WarmupCosine
 from microgpt.model.tokenizer import CharTokenizer
 
 
@@ -86,13 +88,18 @@ def test_test_path_with_unknown_characters_names_them(tiny_names, tmp_path):
 
 
 def test_weight_decay_applies_to_linear_weights_only():
-    model = MicroGPT("abc", n_embd=8, n_head=2, n_layer=2, weight_decay=0.1)
+    model = MicroGPT("abc", n_embd=8, n_head=2, n_layer=2, optimizer=partial(torch.optim.AdamW, weight_decay=0.1))
     model.trainer = L.Trainer(max_steps=10, logger=False)
     groups = model.configure_optimizers()["optimizer"].param_groups
     decayed = {id(p) for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
     linear = {id(m.weight) for m in model.gpt.modules() if isinstance(m, torch.nn.Linear)}
     assert decayed == linear
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> float:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return WarmupCosine(optimizer, total_steps, warmup_steps, min_lr_ratio).factor(step)
 
 
 def test_lr_schedule_warmup_cosine_and_floor():

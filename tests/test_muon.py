@@ -1,4 +1,4 @@
-"""``--model.optimizer muon``: the blocks' weight matrices take Muon's orthogonalised steps, the rest AdamW's."""
+"""``--model.optimizer microgpt.training.optimizers.MuonWithAdamW``: the blocks' weight matrices take Muon's orthogonalised steps, the rest AdamW's."""
 
 import math
 from pathlib import Path
@@ -53,10 +53,10 @@ def test_muon_steps_match_newton_schulz_on_nesterov_momentum(tiny_names, tmp_pat
     Newton–Schulz, lr scaled by sqrt(max(1, rows/cols)), decoupled decay, the cosine schedule), computed
     here from the recorded gradients; the embeddings and the head take AdamW's first step."""
     cli = main(["--config", CONFIG, "--data.path", str(tiny_names), "--data.val_size", "2",
-                "--data.batch_size", "4", "--model.n_embd", "16", "--model.optimizer", "muon",
-                "--model.muon_lr", str(MUON_LR), "--model.muon_momentum", str(MOMENTUM),
-                "--model.muon_weight_decay", str(MUON_DECAY), "--model.lr", str(LR),
-                "--model.weight_decay", str(DECAY), "--trainer.max_steps", str(STEPS),
+                "--data.batch_size", "4", "--model.n_embd", "16", "--model.optimizer", "microgpt.training.optimizers.MuonWithAdamW",
+                "--model.optimizer.muon_lr", str(MUON_LR), "--model.optimizer.muon_momentum", str(MOMENTUM),
+                "--model.optimizer.muon_weight_decay", str(MUON_DECAY), "--model.optimizer.lr", str(LR),
+                "--model.optimizer.weight_decay", str(DECAY), "--trainer.max_steps", str(STEPS),
                 "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.callbacks", "[]",
                 "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
                 "--trainer.default_root_dir", str(tmp_path)], run=False)
@@ -92,7 +92,7 @@ def test_muon_steps_match_newton_schulz_on_nesterov_momentum(tiny_names, tmp_pat
 def test_muon_without_torch_support_is_one_line(tiny_names, tmp_path, capsys, monkeypatch):
     monkeypatch.delattr(torch.optim, "Muon")
     line = error_line(["fit", "--config", CONFIG, "--data.path", str(tiny_names), "--data.val_size", "2",
-                       "--model.optimizer", "muon", "--trainer.max_steps", "1", "--trainer.logger", "false",
+                       "--model.optimizer", "microgpt.training.optimizers.MuonWithAdamW", "--trainer.max_steps", "1", "--trainer.logger", "false",
                        "--trainer.default_root_dir", str(tmp_path)], capsys)
-    assert line == (f"microgpt: error: --model.optimizer muon needs torch.optim.Muon, which torch {torch.__version__} "
-                    "lacks (torch 2.9 and later have it); upgrade torch or use --model.optimizer adamw.")
+    assert line == (f"microgpt: error: MuonWithAdamW needs torch.optim.Muon, which torch {torch.__version__} "
+                    "lacks (torch 2.9 and later have it); upgrade torch or use --model.optimizer torch.optim.AdamW.")

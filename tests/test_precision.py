@@ -26,7 +26,7 @@ def test_mixed_precision_trains_averages_predicts_and_samples(tiny_names, tmp_pa
     cli = main(["fit", *args(tiny_names, tmp_path, "--trainer.max_steps", "6", "--trainer.precision", precision,
                              "--data.pack", pack, f"--trainer.callbacks+={ema}")])
     capsys.readouterr()
-    loss = cli.model.train_loss()
+    loss = cli.model.step_losses.summed_latest(cli.trainer)
     assert 0 < loss < 4  # finite, and below a uniform guess over the 23 characters (ln 23 = 3.1) plus slack
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, weights_only=True)

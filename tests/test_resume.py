@@ -169,14 +169,15 @@ def test_a_run_with_weight_averaging_resumes_to_the_same_average_and_weights(int
 
 
 def test_a_muon_run_resumes_to_the_same_weights_optimizer_state_and_losses(names, tmp_path):
-    """``--model.optimizer muon`` (Muon and AdamW stepped as one optimizer): resumed from its step-30
+    """``MuonWithAdamW`` (Muon and AdamW stepped as one optimizer): resumed from its step-30
     checkpoint, a 60-step run ends with the uninterrupted run's weights, momentum buffers and Adam moments,
     and logs the same loss at every step."""
     every_30 = json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                             "init_args": {"every_n_train_steps": 30, "save_top_k": -1, "filename": "{step}"}}])
 
     def fit(root: Path, *extra: str) -> Path:
-        main(fit_command(names, root, "--model.optimizer", "muon", "--trainer.max_steps", "60",
+        main(fit_command(names, root, "--model.optimizer", "microgpt.training.optimizers.MuonWithAdamW",
+                         "--trainer.max_steps", "60",
                          "--trainer.callbacks", every_30, *extra)[3:])
         return root / "lightning_logs" / "version_0"
 
@@ -320,7 +321,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     names.write_text("anna\nbob\ncarla\ndave\neve\nfiona\n")
     callbacks = '[{"class_path": "microgpt.callbacks.RunCheckpoint", "init_args": {"every_n_train_steps": 1}}]'
     message = error_line(["fit", "--config", CONFIG, "--data.path", str(names), "--data.val_size", "2",
-                          "--model.lr", "1e30", "--trainer.max_steps", "20", "--trainer.callbacks", callbacks,
+                          "--model.optimizer.lr", "1e30", "--trainer.max_steps", "20", "--trainer.callbacks", callbacks,
                           "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)], capsys)
     found = re.fullmatch(r"microgpt: error: the training loss is (nan|inf) at step (\d+) \(lr ([^)]+)\); "
                          r"stopped without saving, so the last checkpoint is the last good one\.", message)

@@ -3,16 +3,19 @@ recipes in ``configs/`` do).
 
 * ``checkpointing``: ``RunCheckpoint`` (``last.ckpt``, saving on SIGTERM and Ctrl-C) and ``AtomicCheckpointIO``.
 * ``sampling``: ``SampleNames``, and the shares of names that are new.
-* ``monitoring``: ``LearningRateMonitor``, ``ProgressBar``, ``Throughput``.
+* ``monitoring``: ``RunLogger`` (the TensorBoard folder), ``LearningRateCurves``, ``Throughput``.
 * ``predictions``: ``WriteNames``, the prediction writer.
 * ``ema``: ``EMA``, the moving average of the weights.
 """
 
 from microgpt.callbacks.checkpointing import AtomicCheckpointIO, RunCheckpoint, Stopped
 from microgpt.callbacks.ema import EMA
-from microgpt.callbacks.monitoring import LearningRateMonitor, ProgressBar, Throughput
+from microgpt.callbacks.monitoring import LearningRateCurves, RunLogger, Throughput
 from microgpt.callbacks.predictions import WriteNames
 from microgpt.callbacks.sampling import SampleNames, log_samples, novelty, report_novelty
 
-__all__ = ["EMA", "AtomicCheckpointIO", "LearningRateMonitor", "ProgressBar", "RunCheckpoint", "SampleNames",
-           "Stopped", "Throughput", "WriteNames", "log_samples", "novelty", "report_novelty"]
+LearningRateMonitor = LearningRateCurves  # its class path in recipes written before the rename; by its short name,
+# LearningRateMonitor is Lightning's own
+
+__all__ = ["EMA", "AtomicCheckpointIO", "LearningRateCurves", "RunCheckpoint", "RunLogger", "SampleNames", "Stopped",
+           "Throughput", "WriteNames", "log_samples", "novelty", "report_novelty"]

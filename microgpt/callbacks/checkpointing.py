@@ -17,7 +17,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from microgpt.checkpoints.io import atomic_torch_save, load_checkpoint
 from microgpt.errors import UserError
-from microgpt.training.lightning_checks import sigterm_broadcast_is_the_flag_alone
+from microgpt.training import sigterm_broadcast
+from microgpt.training.steps import ends_optimizer_step
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -73,37 +74,22 @@ class RunCheckpoint(Checkpoint):
         self._previous_handlers: dict[int, Any] = {}
         self._stop_signal = 0
         self._stopped: Stopped | None = None
-        self._saved_at_step = self._seen_step = -1
+        self._saved_at_step = -1
         self._saved_at_time = 0.0
+        self._loud_again = lambda: None  # puts back Lightning's per-step SIGTERM broadcast
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Find the checkpoint folder; from here on SIGTERM and Ctrl-C only ask for a stop at the end of the step."""
         self.path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         self._stop_signal, self._stopped = 0, None
         self._saved_at_step, self._saved_at_time = trainer.global_step, time.monotonic()
-        self._seen_step = trainer.global_step
         try:
             for signum in self.STOP_SIGNALS:
                 self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
         except ValueError:  # not the main thread: signals cannot be handled here
             self._restore_handlers()
-        else:
-            self._quiet_sigterm_broadcast(trainer)
-
-    def _quiet_sigterm_broadcast(self, trainer: L.Trainer) -> None:
-        """Under DDP, Lightning 2.6's training loop broadcasts its SIGTERM flag from rank 0 before every batch
-        and reads it on the host (``_TrainingEpochLoop._broadcast_sigterm_tensor``, Lightning issue #21487): a
-        collective and a device sync per step. While this callback's handlers are installed, Lightning's own
-        never runs, so that flag stays down and the stop is agreed here instead, on logging steps. The
-        broadcast is turned off for this run's loop only, and only where
-        ``microgpt.training.lightning_checks.sigterm_broadcast_is_the_flag_alone`` finds it to be that broadcast and
-        nothing else (an answer that depends on the installed Lightning alone, so every process turns it off
-        or none does); another Lightning keeps its own behaviour."""
-        if trainer.world_size < 2 or trainer.received_sigterm or not sigterm_broadcast_is_the_flag_alone():
-            return
-        loop = trainer.fit_loop.epoch_loop
-        loop._broadcast_sigterm_tensor = lambda: None
-        self._quieted_loop = loop
+        else:  # Lightning's own SIGTERM flag stays down from here on: its per-step broadcast can go
+            self._loud_again = sigterm_broadcast.quiet(trainer)
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
@@ -112,15 +98,13 @@ class RunCheckpoint(Checkpoint):
             rank_zero_info("\nCtrl-C: stopping after this step and saving a checkpoint (press again to quit at once).")
         self._stop_signal = self._stop_signal or signum
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
-        """Save when a stop was asked for or a save is due; the point Lightning resumes from exactly.
-        A stopped run ends when the next step would start, after this step's logging has finished.
-        With accumulated micro-batches, only the ones that end an optimizer step count."""
-        step = trainer.global_step
-        if step == self._seen_step:  # no optimizer step in this batch: mid-accumulation
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """After each optimizer step, save when a stop was asked for or a save is due; the point Lightning
+        resumes from exactly. A stopped run ends when the next step would start, after this step's logging."""
+        if not ends_optimizer_step(trainer, batch_idx):
             return
-        self._seen_step = step
-        signum = self._stop_signal
+        step, signum = trainer.global_step, self._stop_signal
         clock = self.seconds is not None and time.monotonic() - self._saved_at_time >= self.seconds
         if trainer.world_size > 1:  # all processes decide alike, on the steps that synchronize anyway
             if step % max(trainer.log_every_n_steps, 1):
@@ -147,7 +131,10 @@ class RunCheckpoint(Checkpoint):
             self.save(trainer)
 
     def save(self, trainer: L.Trainer) -> None:
-        """Write ``last.ckpt``, unless it already holds this step."""
+        """Write ``last.ckpt``, unless it already holds this step, or (as ``ModelCheckpoint``) in a fast dev run,
+        outside fitting, or in the sanity check."""
+        if trainer.fast_dev_run or trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
         if self._saved_at_step != trainer.global_step:
             trainer.save_checkpoint(self.path, weights_only=False)
             self._saved_at_step, self._saved_at_time = trainer.global_step, time.monotonic()
@@ -163,7 +150,5 @@ class RunCheckpoint(Checkpoint):
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers = {}
-        loop = getattr(self, "_quieted_loop", None)
-        if loop is not None:
-            del loop._broadcast_sigterm_tensor  # the class's method again
-            self._quieted_loop = None
+        self._loud_again()
+        self._loud_again = lambda: None

@@ -9,6 +9,7 @@ import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from microgpt.errors import UserError
+from microgpt.training.steps import ends_optimizer_step
 
 
 class EMA(L.Callback):
@@ -40,14 +41,14 @@ class EMA(L.Callback):
         self.average = None  # made by the first update of this fit, or restored from the checkpoint resumed
         self._updated_at_step = -1
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         """Update after each optimizer step (not after a micro-batch that only accumulated)."""
-        step = trainer.global_step
-        if step == self._updated_at_step:
+        if not ends_optimizer_step(trainer, batch_idx):
             return
-        self._updated_at_step = step
+        self._updated_at_step = trainer.global_step
         weights = [p.detach().float() for p in pl_module.parameters()]  # no copy when they are float32
-        updates_so_far = step - 1
+        updates_so_far = trainer.global_step - 1
         if self.average is None or updates_so_far == 0:
             self.average = [w.clone() for w in weights]
         else:

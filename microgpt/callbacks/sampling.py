@@ -10,6 +10,7 @@ import torch
 
 from microgpt.errors import UserError
 from microgpt.model.gpt import sampling_problem
+from microgpt.training.steps import ends_optimizer_step
 
 
 def novelty(names: list[str], train_names: set[str], held_out_names: set[str]) -> dict[str, float]:
@@ -52,19 +53,15 @@ class SampleNames(L.Callback):
         self.prefix = prefix
         self.every_n_steps = every_n_steps
         self.seed = seed
-        self._sampled_at_step = -1
 
     def sample(self, pl_module: L.LightningModule, generator: torch.Generator | None) -> list[str]:
         return pl_module.sample(self.num_samples, self.temperature, self.top_k, self.prefix, generator, top_p=self.top_p)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._sampled_at_step = trainer.global_step  # a micro-batch that leaves the step count here ends no step
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
         step = trainer.global_step
-        if not self.every_n_steps or step % self.every_n_steps or step == self._sampled_at_step:
+        if not self.every_n_steps or step % self.every_n_steps or not ends_optimizer_step(trainer, batch_idx):
             return  # not a sampling step, or a micro-batch that did not end this optimizer step
-        self._sampled_at_step = step
         if trainer.is_global_zero:
             generator = torch.Generator(pl_module.device).manual_seed((self.seed or 0) + step)
             log_samples(trainer, self.sample(pl_module, generator), step)

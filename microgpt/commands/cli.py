@@ -1,12 +1,16 @@
 """The command line: LightningCLI wired to the GPT module and the names data.
 
-``python -m microgpt fit --config configs/names.yaml`` (also ``validate``, ``test``, ``predict``).
+``python -m microgpt fit --config configs/names.yaml`` (also ``validate``, ``test``, ``predict``). What microgpt
+adds to Lightning's trainer (the run's TensorBoard folder, atomic checkpoints) is set as defaults of the parsed
+config, so ``--print_config`` and the run's ``config.yaml`` show it.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -16,22 +20,18 @@ from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
-from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from microgpt.callbacks import AtomicCheckpointIO, ProgressBar, Stopped, WriteNames
+from microgpt.callbacks import RunLogger, Stopped, WriteNames
 from microgpt.checkpoints.io import find_checkpoint, load_checkpoint
+from microgpt.checkpoints.runs import with_claimed_version
 from microgpt.data.datamodule import NamesDataModule
-from microgpt.errors import UserError
+from microgpt.errors import UserError, exit_on_user_error, user_error_behind
 from microgpt.files import disk_full
-from microgpt.training.hooks import QuietProfiler, skip_idle_hooks
 from microgpt.training.module import MicroGPT
-from microgpt.checkpoints.runs import run_version, with_claimed_version
+from microgpt.training.trainer_settings import check_trainer
 
 DESCRIPTIONS = {
     "fit": "microgpt fit: train a GPT on a file of names (start from a recipe: --config configs/names.yaml).",
@@ -70,6 +70,34 @@ def quiet_full_disk(args: threading.ExceptHookArgs) -> None:
         threading.__excepthook__(args)
 
 
+class MicroGPTParser(LightningArgumentParser):
+    """LightningCLI's parser, refusing abbreviated flags, with an error in one line that names the closest real
+    flag, and reading the hyper-parameters of checkpoints written before the optimizer became a class path."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def error(self, message: str, ex: Exception | None = None):
+        parser = getattr(ex, "subcommand_parser", None) or self
+        raise UserError(one_line(message, parser))
+
+    def add_method_arguments(self, *args, **kwargs):
+        """The trainer method's arguments (``--ckpt_path``), with microgpt's words for ``ckpt_path``."""
+        added = super().add_method_arguments(*args, **kwargs)
+        for action in self._actions:
+            if action.dest == "ckpt_path":
+                action.help = CKPT_PATH_HELP
+        return added
+
+    def parse_object(self, cfg_obj, *args, **kwargs):
+        return super().parse_object(without_old_optimizer(cfg_obj), *args, **kwargs)
+
+
+CKPT_PATH_HELP = ("A checkpoint file, or 'last' / 'best': the newest run's last.ckpt / best.ckpt under "
+                  "--trainer.default_root_dir. fit resumes from it exactly; validate, test and predict score or "
+                  "sample its weights.")
+
+
 class MicroGPTCLI(LightningCLI):
     """LightningCLI with the context length shared by model and data, and the vocabulary linked from the data."""
 
@@ -77,6 +105,9 @@ class MicroGPTCLI(LightningCLI):
         parser.link_arguments("model.block_size", "data.block_size", apply_on="parse")
         parser.link_arguments("model.compile", "data.static_shapes", apply_on="parse")
         parser.link_arguments("data.vocab", "model.vocab", compute_fn=self.model_vocab, apply_on="instantiate")
+        parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir", compute_fn=root_dir,
+                              apply_on="parse")
+        parser.add_lightning_class_args(WriteNames, "predictions")  # in every subcommand; writes in predict
 
     def parse_arguments(self, parser, args) -> None:
         """Parse, then resolve ``--ckpt_path last`` or ``best`` and check the checkpoint before anything reads it."""
@@ -121,82 +152,111 @@ class MicroGPTCLI(LightningCLI):
         return known
 
     def instantiate_trainer(self, **kwargs):
-        """Lightning's default TensorBoard logger without its ``hp_metric`` placeholder; ``predict`` writes its
-        names with ``WriteNames`` unless the recipe brings a prediction writer; a progress bar that is not
-        redrawn every step; checkpoints written atomically unless the recipe brings its own ``CheckpointIO``;
-        Lightning's hook calls passing by the hooks that do nothing (``microgpt.training.hooks``); one line for a log
-        folder that cannot be written."""
-        config = self.subcommand_config(self.config_init).get("trainer", {})
-        root = config.get("default_root_dir") or os.getcwd()
-        if config.get("logger") in (None, True):  # Lightning reads None as its default logger; one folder per run
-            version = run_version(Path(root) / "lightning_logs")
-            kwargs.setdefault("logger", TensorBoardLogger(root, default_hp_metric=False, version=version))
-        elif isinstance(spec := self.subcommand_config(self.config).get("trainer", {}).get("logger"), Namespace):
-            kwargs.setdefault("logger", with_claimed_version(config["logger"], spec.init_args.as_dict()))
-        callbacks = list(config.get("callbacks") or [])
-        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
-            callbacks.append(WriteNames())
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, LightningProgressBar) for c in callbacks):
-            callbacks.append(ProgressBar())  # Lightning's bar, drawn a few times a second rather than every step
-        kwargs.setdefault("callbacks", callbacks)
-        if config.get("profiler") is None:
-            kwargs.setdefault("profiler", QuietProfiler())
-        plugins = config.get("plugins")
-        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
-            kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
+        """Lightning's trainer, with one line for settings it cannot set up here, for a trainer setting microgpt
+        refuses, and for a log folder that cannot be written, before anything is written."""
+        spec = self.config.get(str(self.subcommand), self.config)["trainer"].get("logger")
+        logger = self.config_init.get(str(self.subcommand), self.config_init)["trainer"].get("logger")
+        if isinstance(spec, Namespace) and not isinstance(logger, RunLogger):  # a user's own TensorBoard or CSV
+            kwargs.setdefault("logger", with_claimed_version(logger, spec.init_args.as_dict()))  # logger too
         try:
             trainer = super().instantiate_trainer(**kwargs)
-        except Exception as err:
-            if not raised_in(err, "accelerator_connector.py"):
+        except (MisconfigurationException, ValueError, RuntimeError, ImportError) as err:
+            if user_error_behind(err) is not None:
                 raise
+            config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer", {})
             raise UserError(device_settings_error(config, err)) from None
-        skip_idle_hooks(trainer, self.model)
-        for folder, flag in [(root, "--trainer.default_root_dir"),
+        check_trainer(trainer, self.subcommand or "fit")
+        for folder, flag in [(trainer.default_root_dir, "--trainer.default_root_dir"),
                              *[(logger.save_dir, "--trainer.logger.save_dir") for logger in trainer.loggers]]:
             check_writable(folder, flag)
         return trainer
-
-    def subcommand_config(self, config: Namespace) -> Namespace:
-        """The part of a parsed (or instantiated) config that belongs to the subcommand being run: all of it
-        with ``run=False``."""
-        return config.get(str(self.subcommand), config)
 
     def before_fit(self) -> None:
         self.fit_started = time.perf_counter()
 
     def after_fit(self) -> None:
-        """Score the held-out names with the final weights (unless that just happened), then print one summary line."""
+        """Print one summary line: the final step, its training loss, and the final weights' validation loss
+        (scored inside the fit, where ModelCheckpoint sees it)."""
         trainer, model = self.trainer, self.model
-        if trainer.interrupted or model.last_train_loss is None:
+        if trainer.interrupted or model.step_losses.latest is None:
             return
         val_loss = trainer.callback_metrics.get("val/loss")
-        if trainer.limit_val_batches and (val_loss is None or model.validated_at_step != trainer.global_step):
-            trainer.validate(model, datamodule=self.datamodule, verbose=False)
-            val_loss = trainer.callback_metrics.get("val/loss")
-        seconds = time.perf_counter() - self.fit_started
-        val = f"{float(val_loss):.4f}" if val_loss is not None else "n/a"
-        train_loss = model.train_loss()  # summed over the processes: every one of them asks
+        scored = val_loss is not None and len(self.datamodule.val_rows) > 0  # no names: no loss, rather than NaN
+        val = f"{float(val_loss):.4f}" if scored else "n/a"
+        train_loss = model.step_losses.summed_latest(trainer)  # summed over the processes: every one of them asks
         rank_zero_info(
             f"final: step {trainer.global_step} | train loss {train_loss:.4f} "
-            f"| val loss {val} | {seconds:.1f} s"
+            f"| val loss {val} | {time.perf_counter() - self.fit_started:.1f} s"
         )
+
+
+TRAINER_DEFAULTS = {
+    # Lightning's TensorBoard logger, in a run folder claimed by creating it (runs started together never share one)
+    "logger": {"class_path": "microgpt.callbacks.RunLogger"},
+    # checkpoints written whole or not at all, and read with weights_only=True
+    "plugins": [{"class_path": "microgpt.callbacks.AtomicCheckpointIO"}],
+}
+
+
+def root_dir(default_root_dir: str | None) -> str:
+    """The folder a run's logger writes in: --trainer.default_root_dir, else the current one."""
+    return default_root_dir or os.getcwd()
+
+
+OLD_OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "optimizer", "muon_lr", "muon_momentum",
+                      "muon_weight_decay", "warmup_steps", "min_lr")
+
+
+def without_old_optimizer(config):
+    """A config to parse, without the optimizer settings that checkpoints written before the optimizer became a
+    class path keep among their hyper-parameters (``lr``, ``optimizer: adamw``, ...), which LightningCLI reads
+    back with --ckpt_path; the recipe on the command line chooses the optimizer, as it does for newer ones."""
+    if not isinstance(config, dict):
+        return config
+    for part in config.values():
+        model = part.get("model") if isinstance(part, dict) else None
+        if isinstance(model, dict) and not isinstance(model.get("optimizer"), dict):
+            for key in OLD_OPTIMIZER_KEYS:
+                model.pop(key, None)
+    return config
+
+
+RESTRICTIONS = {"PositiveInt": "a positive integer", "NonNegativeInt": "zero or more", "PositiveFloat": "positive",
+                "NonNegativeFloat": "zero or more", "ClosedUnitInterval": "in [0, 1]", "OpenUnitInterval": "in (0, 1)",
+                "Dropout": "in [0, 1)"}
+
+
+def one_line(message: str, parser) -> str:
+    """jsonargparse's error as one line: a value outside its type's range as the sentence microgpt's own checks
+    write, a flag that does not exist with the closest one that does, anything else its first words."""
+    lines = [line.strip(" -") for line in message.strip().splitlines() if line.strip(" -")] or ["bad arguments"]
+    key = re.fullmatch(r'Parser key "([^"]+)":', lines[0])
+    if key and len(lines) > 1:
+        if (typed := re.fullmatch(r"Not of type (\w+): (.*?) does not conform to restriction .*", lines[1])) and \
+                typed[1] in RESTRICTIONS:
+            return f"--{key[1]} must be {RESTRICTIONS[typed[1]]}, got {typed[2]}."
+        given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
+        return f"--{key[1]}: {lines[1]}" if given is None else f"--{key[1]} cannot be {given!r}."
+    flags = [option for action in parser._actions for option in action.option_strings]
+    for given in re.findall(r"--[\w.]+", message):
+        if given not in flags and (close := difflib.get_close_matches(given, flags, n=1, cutoff=0.6)):
+            return f"{lines[0].rstrip('.')}; did you mean {close[0]}?"
+    return lines[0]
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
-    """Run the command line; a ``UserError`` (or Lightning's ``MisconfigurationException``, its error for
-    flags that contradict each other) becomes one line on stderr and exit status 2."""
+    """Run the command line; a ``UserError`` (or Lightning's ``MisconfigurationException``, its error for flags
+    that contradict each other) is one line on stderr and exit status 2."""
     quiet_noise()
     try:
-        cli = MicroGPTCLI(
-            MicroGPT,
-            NamesDataModule,
-            args=args,
-            run=run,
-            parser_kwargs={"prog": "microgpt", "description": "microgpt: a character-level GPT for names.",
-                           **{sub: {"description": text} for sub, text in DESCRIPTIONS.items()}},
-            save_config_kwargs={"overwrite": True},
-        )
+        with exit_on_user_error("microgpt", translate=user_error_or_misconfiguration):
+            cli = MicroGPTCLI(
+                MicroGPT, NamesDataModule, args=args, run=run, parser_class=MicroGPTParser,
+                trainer_defaults=TRAINER_DEFAULTS, auto_configure_optimizers=False,
+                parser_kwargs={"prog": "microgpt", "description": "microgpt: a character-level GPT for names.",
+                               **{sub: {"description": text} for sub, text in DESCRIPTIONS.items()}},
+                save_config_kwargs={"overwrite": True},
+            )
     except Stopped as stop:
         print(f"microgpt: {stop}", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
@@ -204,14 +264,8 @@ def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
         print("microgpt: stopped by SIGTERM outside training; nothing more was saved.", file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as err:
-        if os.environ.get("MICROGPT_DEBUG"):
-            raise
-        user_error = user_error_behind(err)
-        if user_error is not None:
-            print(f"microgpt: error: {user_error}", file=sys.stderr)
-            raise SystemExit(2) from None
         lost = lost_connection(err)
-        if lost is None:
+        if lost is None or os.environ.get("MICROGPT_DEBUG"):
             raise
         print(f"microgpt: error: process {os.environ.get('RANK', os.environ.get('LOCAL_RANK', '0'))} lost its "
               f"connection to another process of this run, which stopped first ({lost}); that process's own "
@@ -221,22 +275,19 @@ def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
     return cli
 
 
+def user_error_or_misconfiguration(err: BaseException) -> UserError | None:
+    """The ``UserError`` behind ``err``, or Lightning's ``MisconfigurationException`` as one."""
+    if isinstance(err, MisconfigurationException):
+        return UserError(str(err).strip().splitlines()[0])
+    return user_error_behind(err)
+
+
 def end_process_group() -> None:
     """Destroy ``torch.distributed``'s process group once the command is done. Lightning does this at exit for
     NCCL only; a gloo group left to the interpreter's shutdown can abort the process (SIGABRT) after the run's
     work is done and its last line printed."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def raised_in(err: BaseException, filename: str) -> bool:
-    """Whether ``err`` was raised from code in a file named ``filename``."""
-    tb = err.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename.endswith(filename):
-            return True
-        tb = tb.tb_next
-    return False
 
 
 def device_settings_error(config: dict, err: BaseException) -> str:
@@ -271,18 +322,3 @@ def lost_connection(err: BaseException) -> str | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
-
-
-def user_error_behind(err: BaseException) -> Exception | None:
-    """``err`` if it is a ``UserError`` or ``MisconfigurationException``, else the first one it was
-    raised from (jsonargparse wraps errors raised while it builds a class), else a full disk's ``OSError``
-    in that chain as a ``UserError``, else None."""
-    chain, seen = [], set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, (UserError, MisconfigurationException)):
-            return err
-        chain.append(err)
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    # else a full disk under any writer (TensorBoard's, Lightning's) is one line too
-    return next((full for err in chain if (full := disk_full(err)) is not None), None)

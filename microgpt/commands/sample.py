@@ -9,7 +9,6 @@ Lightning, so the command starts about as fast as torch itself.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from microgpt.checkpoints.io import find_checkpoint
 from microgpt.commands.devices import device_problem
-from microgpt.errors import UserError
+from microgpt.errors import OneLineParser, UserError, exit_on_user_error
 from microgpt.files import WriteFailed, atomic_write
 from microgpt.checkpoints.loading import load_members, load_model
 from microgpt.model.gpt import GPT, Ensemble, sampling_problem
@@ -111,7 +110,7 @@ def probability(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="microgpt sample", description="Invent names with a trained checkpoint.")
+    parser = OneLineParser(prog="microgpt sample", description="Invent names with a trained checkpoint.")
     parser.add_argument("--ckpt_path", required=True, nargs="+",
                         help="checkpoint written by fit, or 'last' / 'best' for the newest run's under --root_dir; "
                              "several: average their predictions")
@@ -128,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu",
                         help="torch device to sample on, e.g. cuda or cuda:1: the checkpoint is read on the CPU, "
                              "then the model is moved there (default cpu)")
-    args = parser.parse_args(argv)
-    try:
+    with exit_on_user_error("microgpt sample"):
+        args = parser.parse_args(argv)
         if problem := device_problem(args.device):
             raise UserError(f"--device {args.device}: {problem}.")
         paths = [resolve(path, args.root_dir) for path in args.ckpt_path]
@@ -144,8 +143,3 @@ def main(argv: list[str] | None = None) -> None:
             write_output(Path(args.output), text)
         else:
             sys.stdout.write(text)
-    except UserError as err:
-        if os.environ.get("MICROGPT_DEBUG"):
-            raise
-        print(f"microgpt sample: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -25,7 +25,6 @@ import re
 import secrets
 import signal
 import socket
-import sys
 from dataclasses import dataclass
 from importlib.resources import files
 
@@ -36,7 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from microgpt.errors import UserError
+from microgpt.errors import OneLineParser, UserError, exit_on_user_error
 from microgpt.checkpoints.loading import load_model
 from microgpt.model.sampling import SampleRequest, generate_batch
 from microgpt.commands.sample import positive_int, resolve, score_names
@@ -289,7 +288,7 @@ def seconds(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="microgpt serve", description="Serve a trained checkpoint over HTTP: "
+    parser = OneLineParser(prog="microgpt serve", description="Serve a trained checkpoint over HTTP: "
                                      "POST /predict and /score, a page to try it at /, GET /health.")
     parser.add_argument("--ckpt_path", required=True,
                         help="checkpoint written by fit, or 'last' / 'best' for the newest run's under --root_dir")
@@ -305,14 +304,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds to wait for a batch to fill (default 0.005)")
     parser.add_argument("--api_key", default=os.environ.get(API_KEY_ENV),
                         help=f"requests must send this in the X-API-Key header (default ${API_KEY_ENV}; unset: none)")
-    args = parser.parse_args(argv)
-    try:
-        serve(args)
-    except UserError as err:
-        if os.environ.get("MICROGPT_DEBUG"):
-            raise
-        print(f"microgpt serve: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    with exit_on_user_error("microgpt serve"):
+        serve(parser.parse_args(argv))
 
 
 def stop_on_signal(parent: int) -> None:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from microgpt.errors import UserError
 from microgpt.checkpoints.loading import load_model
+from microgpt.errors import UserError
 from microgpt.model.gpt import GPT
 from microgpt.model.tokenizer import CharTokenizer
 

@@ -58,7 +58,7 @@ class RecordRun(L.Callback):
             self.counting = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        loss = pl_module.last_train_loss.detach().clone().reshape(1)
+        loss = pl_module.step_losses.latest.detach().clone().reshape(1)
         if trainer.world_size > 1:
             RAW["all_reduce"](loss)  # not counted: the record's own
         self.losses.append(float(loss))
