@@ -28,6 +28,7 @@ from microgpt.callbacks import AtomicCheckpointIO, ProgressBar, Stopped, WriteNa
 from microgpt.checkpoints.io import find_checkpoint, load_checkpoint
 from microgpt.data.datamodule import NamesDataModule
 from microgpt.errors import UserError
+from microgpt.recipes import with_recipe_paths
 from microgpt.files import disk_full
 from microgpt.training.hooks import QuietProfiler, skip_idle_hooks
 from microgpt.training.module import MicroGPT
@@ -187,6 +188,10 @@ def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
     """Run the command line; a ``UserError`` (or Lightning's ``MisconfigurationException``, its error for
     flags that contradict each other) becomes one line on stderr and exit status 2."""
     quiet_noise()
+    if args is None:  # a shipped recipe by name; in sys.argv, which the DDP launcher starts the other ranks with
+        sys.argv[1:] = with_recipe_paths(sys.argv[1:])
+    elif isinstance(args, list):
+        args = with_recipe_paths(args)
     try:
         cli = MicroGPTCLI(
             MicroGPT,
