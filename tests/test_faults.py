@@ -10,6 +10,8 @@ this process may not mount one, an injected ENOSPC stands in. The tests below re
 import errno
 import json
 import os
+import pickle
+import random
 import re
 import shutil
 import signal
@@ -337,8 +339,28 @@ def damaged(ckpt: Path, dest: Path) -> None:
     dest.write_bytes(bytes(data))
 
 
+class RunsCode:
+    """Unpickling it calls ``os.getcwd``: code, however harmless, that a checkpoint must not hold."""
+
+    def __reduce__(self):
+        return os.getcwd, ()
+
+
+def event_file(ckpt: Path, dest: Path) -> None:
+    shutil.copy(next((ckpt.parents[1]).glob("events.out.tfevents.*")), dest)
+
+
 @pytest.mark.parametrize("make, problem", [
     (lambda ckpt, dest: None, "no such checkpoint file."),
+    (lambda ckpt, dest: dest.write_bytes(b"\x00" + random.Random(0).randbytes(5000)),
+     "is not a checkpoint (not a file torch.save writes)."),
+    (lambda ckpt, dest: shutil.copy(ckpt.parents[1] / "config.yaml", dest),
+     "is not a checkpoint (not a file torch.save writes)."),
+    (event_file, "is not a checkpoint (not a file torch.save writes)."),
+    (lambda ckpt, dest: dest.write_bytes(pickle.dumps({"state_dict": RunsCode()})),
+     "is a pickle that holds code (it would call posix.getcwd when loaded); it will not be loaded."),
+    (lambda ckpt, dest: torch.save({"state_dict": RunsCode()}, dest),
+     "holds code (it would call posix.getcwd when loaded); it will not be loaded."),
     (lambda ckpt, dest: dest.mkdir(), "is a directory, not a checkpoint file."),
     (lambda ckpt, dest: dest.write_bytes(b""), "is empty (0 bytes), not a checkpoint."),
     (lambda ckpt, dest: dest.write_bytes(ckpt.read_bytes()[:-300]), "is truncated (the end of the file is missing)."),
@@ -355,6 +377,7 @@ def test_each_way_a_checkpoint_cannot_load_is_reported_as_what_it_is(checkpoint,
     with pytest.raises(UserError) as failed:
         load_checkpoint(bad)
     assert str(failed.value).startswith(f"{bad}: {problem}")
+    assert "weights_only" not in str(failed.value)  # torch's advice to load it anyway, which would run its code
 
 
 def test_an_unreadable_checkpoint_is_reported_as_unreadable(checkpoint, tmp_path):

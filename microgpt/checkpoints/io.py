@@ -3,8 +3,8 @@
 * ``atomic_torch_save`` saves through ``microgpt.files.atomic_write``, so ``last.ckpt`` is always the
   newest *complete* checkpoint; a failed write also says which checkpoint is the last good one.
 * ``load_checkpoint`` reads a checkpoint with ``weights_only=True`` and reports each way it can fail as
-  what it is: missing, a directory, unreadable, empty, truncated, not a torch file, damaged, carrying
-  code, from a newer torch or microgpt, or asked onto a device this machine lacks.
+  what it is: missing, a directory, unreadable, empty, truncated, not a torch file, damaged, holding
+  code (never run), from a newer torch or microgpt, or asked onto a device this machine lacks.
 * ``find_checkpoint`` finds the newest ``last.ckpt`` or ``best.ckpt`` of a root folder
   (``--ckpt_path last`` / ``best``).
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import re
 from pathlib import Path
 from typing import Any
@@ -71,14 +72,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         raise UserError(f"{path}: cannot be read ({err.strerror or err}).") from None
     if not head:
         raise UserError(f"{path}: is empty (0 bytes), not a checkpoint.")
+    if head != ZIP_START:  # torch.save has written zip archives since torch 1.6; microgpt never wrote anything else
+        raise UserError(f"{path}: {not_an_archive(path, head)}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if re.search(r"GLOBAL|Unsupported class|Can only", str(err)):
-            raise UserError(f"{path}: holds objects other than plain data and tensors; refusing to load it.") from err
+        if called := re.search(r"GLOBAL (\S+)|Unsupported class (\S+)", str(err)):
+            raise UserError(f"{path}: holds code (it would call {called.group(1) or called.group(2)} when "
+                            "loaded); it will not be loaded.") from err
         raise UserError(f"{path}: is damaged (its data cannot be unpickled: {first_line(err)}).") from err
     except Exception as err:  # torch's RuntimeError or OSError about the archive: find out what is wrong with the file
-        raise UserError(f"{path}: {unloadable(path, head, err)}") from err
+        raise UserError(f"{path}: {unloadable(path, err)}") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"{path}: is a torch file but not a training checkpoint.")
     version = checkpoint.get(FORMAT_KEY)
@@ -94,18 +98,43 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
 
 def first_line(err: BaseException) -> str:
-    """The first line of an error's message, without the source location torch's C++ errors start with."""
-    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    """The first line of an error's message, without the source location torch's C++ errors start with, and
+    without torch's advice to load the file with ``weights_only=False`` (which would run any code it holds)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):  # the reason is on a later line
+        lines = [re.sub(r"^.*WeightsUnpickler error:\s*", "", line) for line in lines[1:]
+                 if not line.startswith(("Check the documentation", "Please file an issue"))
+                 or "WeightsUnpickler error:" in line]
+        lines = [line for line in lines if line] or ["its data holds something torch will not load safely"]
+    line = (lines or [type(err).__name__])[0]
     return re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", line)
 
 
-def unloadable(path: Path, head: bytes, err: Exception) -> str:
-    """Why torch could not load ``path``, from the file's own bytes: not a zip archive, a zip archive
-    without its end, one written by a newer torch, a read error of the OS, or else damaged (with torch's words)."""
-    if head != ZIP_START:
-        if head[:1] == b"\x80":  # a pickle: torch's format before 1.6
-            return f"is damaged (torch: {first_line(err)})."
-        return "is not a checkpoint (not a file torch.save writes)."
+CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4"}
+
+
+def not_an_archive(path: Path, head: bytes) -> str:
+    """Why a file that is not a zip archive is not a checkpoint: a pickle that holds code (found by reading its
+    opcodes, never by running it), or any other file."""
+    if head[:1] == b"\x80":  # a pickle (protocol 2 or later), as pickle.dump writes
+        called, strings = [], ["", ""]
+        try:
+            with path.open("rb") as f:
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name in CODE_OPCODES:  # GLOBAL names "module name"; STACK_GLOBAL the last two strings
+                        called.append(arg.replace(" ", ".") if isinstance(arg, str) else ".".join(strings[-2:]))
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+        except Exception:  # not a whole pickle after all
+            called = []
+        if called:
+            return f"is a pickle that holds code (it would call {called[0]} when loaded); it will not be loaded."
+    return "is not a checkpoint (not a file torch.save writes)."
+
+
+def unloadable(path: Path, err: Exception) -> str:
+    """Why torch could not load the zip archive ``path``, from the file's own bytes: an archive without its
+    end, one written by a newer torch, a read error of the OS, or else damaged (with torch's words)."""
     size = path.stat().st_size
     with path.open("rb") as f:
         f.seek(max(0, size - (1 << 16) - 22))  # the end record sits within the last 64 KiB + 22 bytes
