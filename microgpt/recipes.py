@@ -27,7 +27,7 @@ def recipe_path(value: str) -> str:
     or ``names-batched.yaml``) and is not a file here; otherwise ``value`` as it is."""
     if "/" in value or "\\" in value or Path(value).exists():
         return value
-    name = value[: -len(SUFFIX)] if value.endswith(SUFFIX) else value
+    name = value.removesuffix(SUFFIX)
     return str(recipe_folder() / f"{name}{SUFFIX}") if name in recipe_names() else value
 
 

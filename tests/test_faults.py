@@ -27,7 +27,7 @@ from conftest import error_line
 from helpers.names_reference import split_names
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from microgpt.checkpoints.io import FORMAT, FORMAT_KEY, atomic_torch_save, find_checkpoint, load_checkpoint
+from microgpt.checkpoints.io import FORMAT, FORMAT_KEY, atomic_torch_save, load_checkpoint, resolve_checkpoint
 from microgpt.commands.cli import main
 from microgpt.errors import UserError
 
@@ -420,21 +420,50 @@ def test_sample_loads_on_the_cpu_and_moves_the_model(checkpoint, monkeypatch):
     assert seen == ["cpu"] and next(gpt.parameters()).device.type == "meta"
 
 
-def test_last_and_best_mean_the_checkpoint_written_last(tmp_path):
-    """The README's rule: of all runs in the root, the ``NAME.ckpt`` replaced most recently, finished run or
-    running; on equal times the higher version; never a temporary file."""
+def test_last_and_best_mean_that_file_of_the_newest_run(tmp_path, capsys):
+    """The README's rule: the newest run is the one whose newest checkpoint was written last, finished or
+    running (on equal times the higher version); ``last`` and ``best`` are its files, never another run's,
+    and the file taken is named in one line."""
     paths = {}
     for version in (0, 1, 2):
         paths[version] = tmp_path / "lightning_logs" / f"version_{version}" / "checkpoints" / "last.ckpt"
         atomic_torch_save({"global_step": version}, paths[version])
+    best = paths[0].parent / "best.ckpt"
+    atomic_torch_save({"global_step": 0}, best)
     (paths[2].parent / ".last.ckpt.x.part").write_bytes(b"half")
+    (tmp_path / "lightning_logs" / "version_3").mkdir()  # a run that saved nothing (validate, test, predict)
     os.utime(paths[0], ns=(3 * 10**18, 3 * 10**18))  # version 0, resumed and still running, saved last
-    os.utime(paths[1], ns=(2 * 10**18, 2 * 10**18))
-    os.utime(paths[2], ns=(2 * 10**18, 2 * 10**18))
-    assert find_checkpoint(tmp_path, "last") == paths[0]
+    for path in (best, paths[1], paths[2]):
+        os.utime(path, ns=(2 * 10**18, 2 * 10**18))
+    capsys.readouterr()
+    assert resolve_checkpoint("last", tmp_path, "--root") == str(paths[0])
+    assert capsys.readouterr().err == f"microgpt: --ckpt_path last is {paths[0]}\n"
+    assert resolve_checkpoint("best", tmp_path, "--root") == str(best)
     os.utime(paths[0], ns=(1 * 10**18, 1 * 10**18))
-    assert find_checkpoint(tmp_path, "last") == paths[2]  # same time as version 1: the higher version
-    assert find_checkpoint(tmp_path, "best") is None
+    assert resolve_checkpoint("last", tmp_path, "--root") == str(paths[2])  # same time as version 1: the higher
+    with pytest.raises(UserError) as failed:  # version 0's best.ckpt is another run's
+        resolve_checkpoint("best", tmp_path, "--root")
+    assert str(failed.value) == (f"--ckpt_path best: no best.ckpt in the newest run under {tmp_path}, "
+                                 f"{paths[2].parents[1]} (a run writes best.ckpt when it validates during fit); "
+                                 "pass a checkpoint file to take another run's.")
+    assert resolve_checkpoint("lightning_logs/version_0/checkpoints/best.ckpt", tmp_path, "--root") == (
+        "lightning_logs/version_0/checkpoints/best.ckpt")
+    assert resolve_checkpoint("last", tmp_path / "empty", "--root", start_afresh=True) is None
+    with pytest.raises(UserError, match=r"--ckpt_path last: no last.ckpt under .*empty \(no run there saved a "
+                                        r"checkpoint\); pass a checkpoint file or --root\.$"):
+        resolve_checkpoint("last", tmp_path / "empty", "--root")
+
+
+def test_sample_and_test_name_the_checkpoint_they_took(checkpoint, runs, tmp_path, capsys):
+    from microgpt.commands.sample import main as sample
+
+    root = checkpoint.parents[3]
+    newest = Path(resolve_checkpoint("last", root, "--root_dir"))
+    capsys.readouterr()
+    sample(["--ckpt_path", "last", "--root_dir", str(root), "--num_samples", "2"])
+    captured = capsys.readouterr()
+    assert captured.err == f"microgpt sample: --ckpt_path last is {newest}\n"
+    assert len(captured.out.splitlines()) == 2
 
 
 @pytest.mark.parametrize("logger", [[], ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "ROOT"]])

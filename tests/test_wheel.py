@@ -64,13 +64,13 @@ def test_a_shipped_recipe_and_sample_run_from_the_installed_wheel(wheel, tmp_pat
     assert Path(where).is_relative_to(venv)
 
     fit = subprocess.run(["microgpt", "fit", "--config", "names", "--trainer.max_steps", "5"], cwd=here, env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, check=False)
     assert fit.returncode == 0, fit.stderr[-2000:]
     assert "\nfinal: step 5 | train loss " in fit.stdout + fit.stderr
-    (checkpoint,) = here.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    assert (here / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
     sample = subprocess.run(["microgpt", "sample", "--ckpt_path", "last", "--num_samples", "3"], cwd=here, env=env,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     assert sample.returncode == 0, sample.stderr[-2000:]
     assert len(sample.stdout.strip().splitlines()) == 3
 

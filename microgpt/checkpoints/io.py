@@ -5,8 +5,8 @@
 * ``load_checkpoint`` reads a checkpoint with ``weights_only=True`` and reports each way it can fail as
   what it is: missing, a directory, unreadable, empty, truncated, not a torch file, damaged, holding
   code (never run), from a newer torch or microgpt, or asked onto a device this machine lacks.
-* ``find_checkpoint`` finds the newest ``last.ckpt`` or ``best.ckpt`` of a root folder
-  (``--ckpt_path last`` / ``best``).
+* ``resolve_checkpoint`` finds ``last.ckpt`` or ``best.ckpt`` of the newest run of a root folder
+  (``--ckpt_path last`` / ``best``) and says which file it took.
 
 The Lightning side (``RunCheckpoint``, which decides when to save) is in ``microgpt.callbacks.checkpointing``;
 rebuilding a model from a checkpoint is ``microgpt.checkpoints.loading``.
@@ -14,10 +14,12 @@ rebuilding a model from a checkpoint is ``microgpt.checkpoints.loading``.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import pickletools
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,7 @@ def first_line(err: BaseException) -> str:
     return re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", line)
 
 
+PICKLE_SCAN_BYTES = 64 << 20  # of a pickle, the part looked through for code
 CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4"}
 
 
@@ -119,13 +122,14 @@ def not_an_archive(path: Path, head: bytes) -> str:
     if head[:1] == b"\x80":  # a pickle (protocol 2 or later), as pickle.dump writes
         called, strings = [], ["", ""]
         try:
-            with path.open("rb") as f:
-                for op, arg, _ in pickletools.genops(f):
-                    if op.name in CODE_OPCODES:  # GLOBAL names "module name"; STACK_GLOBAL the last two strings
-                        called.append(arg.replace(" ", ".") if isinstance(arg, str) else ".".join(strings[-2:]))
-                    elif isinstance(arg, str):
-                        strings.append(arg)
-        except Exception:  # not a whole pickle after all
+            with path.open("rb") as f:  # read into memory, so that a length read from garbage allocates nothing
+                data = io.BytesIO(f.read(PICKLE_SCAN_BYTES))
+            for op, arg, _ in pickletools.genops(data):
+                if op.name in CODE_OPCODES:  # GLOBAL names "module name"; STACK_GLOBAL the last two strings
+                    called.append(arg.replace(" ", ".") if isinstance(arg, str) else ".".join(strings[-2:]))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        except (ValueError, EOFError, OSError):  # not a whole pickle after all
             called = []
         if called:
             return f"is a pickle that holds code (it would call {called[0]} when loaded); it will not be loaded."
@@ -148,25 +152,50 @@ def unloadable(path: Path, err: Exception) -> str:
     return f"is damaged (torch: {said})."
 
 
-def find_checkpoint(root: str | os.PathLike, name: str) -> Path | None:
-    """The most recently written ``NAME.ckpt`` (``last`` or ``best``) of the runs in ``root``
-    (``--trainer.default_root_dir``), or None: the one whose file was replaced last, whether its run has
-    finished or is still running; on equal times, the higher version number.
+def newest_run(root: str | os.PathLike) -> Path | None:
+    """The checkpoint folder of the newest run in ``root`` (``--trainer.default_root_dir``): of the runs that
+    saved a checkpoint, the one whose newest checkpoint file was written last, finished or still running; on
+    equal times, the higher version number. None when no run there saved one.
 
     Looks where Lightning puts them: ``ROOT/checkpoints`` without a logger, ``ROOT/NAME/VERSION/checkpoints``
-    with one. A file found is always whole: checkpoints are only ever renamed into place once complete."""
+    with one. A run that saved nothing (``validate``, ``test``, ``predict``, a fast dev run) is no candidate."""
     root = Path(root)
-    file = f"{name}.ckpt"
     found = []
-    for candidate in [root / "checkpoints" / file, *root.glob(f"*/*/checkpoints/{file}")]:
-        try:
-            found.append((candidate.stat().st_mtime_ns, version_number(candidate), candidate))
-        except OSError:  # not there (or replaced between the listing and now)
+    for folder in [root / "checkpoints", *root.glob("*/*/checkpoints")]:
+        try:  # a file replaced between the listing and now is skipped
+            times = [p.stat().st_mtime_ns for p in folder.glob("*.ckpt") if p.is_file()]
+        except OSError:
             continue
+        if times:
+            found.append((max(times), version_number(folder), folder))
     return max(found, default=(0, 0, None))[2]
 
 
+def resolve_checkpoint(value: str, root: str | os.PathLike, root_flag: str, prog: str = "microgpt",
+                       start_afresh: bool = False) -> str | None:
+    """The checkpoint ``--ckpt_path VALUE`` means: a file as it is; ``last`` or ``best`` that file of the newest
+    run in ``root`` (``newest_run``), never another run's, with one line on stderr naming the file taken.
+    With ``start_afresh``, ``last`` in a root where no run saved anything is None (a fit that starts afresh);
+    anything else not found is a ``UserError`` naming ``root_flag``."""
+    if value not in ("last", "best"):
+        return value
+    run = newest_run(root)
+    if run is None:
+        if start_afresh and value == "last":
+            return None
+        raise UserError(f"--ckpt_path {value}: no {value}.ckpt under {Path(root).resolve()} (no run there saved a "
+                        f"checkpoint); pass a checkpoint file or {root_flag}.")
+    path = run / f"{value}.ckpt"
+    if not path.is_file():
+        why = " (a run writes best.ckpt when it validates during fit)" if value == "best" else ""
+        raise UserError(f"--ckpt_path {value}: no {value}.ckpt in the newest run under {Path(root).resolve()}, "
+                        f"{run.parent}{why}; pass a checkpoint file to take another run's.")
+    if all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK")):  # once per run
+        print(f"{prog}: --ckpt_path {value} is {path}", file=sys.stderr, flush=True)
+    return str(path)
+
+
 def version_number(path: Path) -> int:
-    """N of the ``version_N`` folder ``path`` lies in, else -1."""
-    found = re.fullmatch(r"version_(\d+)", path.parent.parent.name)
+    """N of the ``version_N`` folder the checkpoint folder ``path`` lies in, else -1."""
+    found = re.fullmatch(r"version_(\d+)", path.parent.name)
     return int(found.group(1)) if found else -1

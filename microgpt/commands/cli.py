@@ -25,11 +25,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from microgpt.callbacks import AtomicCheckpointIO, ProgressBar, Stopped, WriteNames
-from microgpt.checkpoints.io import find_checkpoint, load_checkpoint
+from microgpt.checkpoints.io import load_checkpoint, resolve_checkpoint
 from microgpt.data.datamodule import NamesDataModule
 from microgpt.errors import UserError
-from microgpt.recipes import with_recipe_paths
 from microgpt.files import disk_full
+from microgpt.recipes import with_recipe_paths
 from microgpt.training.hooks import QuietProfiler, skip_idle_hooks
 from microgpt.training.module import MicroGPT
 from microgpt.checkpoints.runs import run_version, with_claimed_version
@@ -93,13 +93,10 @@ class MicroGPTCLI(LightningCLI):
                             "a run: pass only one (to continue a fine-tuning run, drop --model.init_from).")
         if ckpt_path in ("last", "best"):
             root = config["trainer"].get("default_root_dir") or os.getcwd()
-            found = find_checkpoint(root, ckpt_path)
-            if found is None and ckpt_path == "best":
-                raise UserError(f"--ckpt_path best: no best.ckpt under {root} (a recipe that validates during fit "
-                                "writes one); pass --ckpt_path FILE or --trainer.default_root_dir.")
+            found = resolve_checkpoint(ckpt_path, root, "--trainer.default_root_dir", start_afresh=subcommand == "fit")
             if found is None:
                 rank_zero_warn(f"--ckpt_path last: no last.ckpt under {root}; starting from scratch.")
-            ckpt_path = config["ckpt_path"] = None if found is None else str(found)
+            ckpt_path = config["ckpt_path"] = found
         if subcommand in ("validate", "test", "predict"):
             if ckpt_path is None:
                 raise UserError(f"{subcommand} needs a trained model: pass --ckpt_path FILE, last or best.")

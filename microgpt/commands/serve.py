@@ -330,7 +330,7 @@ def stop_on_signal(parent: int) -> None:
 
 def serve(args: argparse.Namespace) -> None:
     """Check everything that can be wrong, then serve until SIGTERM or Ctrl-C."""
-    path = resolve(args.ckpt_path, args.root_dir)
+    path = resolve(args.ckpt_path, args.root_dir, "microgpt serve")
     device = check_device(args.device)
     gpt, _ = load_model(path)  # a checkpoint that will not load stops here, before anything listens
     parameters = sum(p.numel() for p in gpt.parameters())
