@@ -103,11 +103,11 @@ def first_line(err: BaseException) -> str:
     """The first line of an error's message, without the source location torch's C++ errors start with, and
     without torch's advice to load the file with ``weights_only=False`` (which would run any code it holds)."""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    if lines and lines[0].startswith("Weights only load failed"):  # the reason is on a later line
-        lines = [re.sub(r"^.*WeightsUnpickler error:\s*", "", line) for line in lines[1:]
-                 if not line.startswith(("Check the documentation", "Please file an issue"))
-                 or "WeightsUnpickler error:" in line]
-        lines = [line for line in lines if line] or ["its data holds something torch will not load safely"]
+    if lines and lines[0].startswith("Weights only load failed"):  # the reason is on a later line, among advice
+        reasons = [re.sub(r"^.*WeightsUnpickler error:\s*", "", line).split(". Please use")[0] for line in lines[1:]
+                   if "WeightsUnpickler error:" in line or not re.search(
+                       r"weights_only|^\(\d\)|^Check the documentation|^Please file an issue", line)]
+        lines = [line for line in reasons if line] or ["torch refused its data"]
     line = (lines or [type(err).__name__])[0]
     return re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", line)
 
