@@ -6,6 +6,7 @@ other dependencies are the installed ones rather than a download; microgpt itsel
 (checked: the imported package lies in the virtualenv).
 """
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -29,7 +30,9 @@ def wheel(tmp_path_factory) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
     for name in ("microgpt", "configs"):
         shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=ignore)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+    # with setuptools here, build with it (no download); else pip fetches it into an isolated build environment
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", *isolation,
                     "--wheel-dir", str(work / "dist"), str(source)], check=True, cwd=work, timeout=120)
     (found,) = (work / "dist").glob("*.whl")
     return found
