@@ -88,7 +88,7 @@ def test_wheel_ships_the_names_and_their_notice(tmp_path):
     """A regular (non-editable) install must find the names too: they are package data in the wheel."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
-    (wheel,) = tmp_path.glob("microgpt-*.whl")
+    (wheel,) = tmp_path.glob("microgpt_names-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         assert {"microgpt/data/names.txt", "microgpt/data/NOTICE"} <= set(archive.namelist())
         assert hashlib.sha256(archive.read("microgpt/data/names.txt")).hexdigest().startswith("0a30b555")

@@ -256,7 +256,7 @@ def test_a_full_disk_under_the_token_store_is_one_line_and_leaves_nothing(runs, 
                            "--trainer.default_root_dir", str(tmp_path)], capsys)
     finally:
         filler.unlink()
-    assert line.startswith(f"microgpt: error: cannot write the token store {cache}/other-")
+    assert line.startswith(f"microgpt: error: cannot write the token store {cache}/names-")
     assert line.endswith(f".tokens: {NO_SPACE}; point --data.cache_dir or the MICROGPT_CACHE environment "
                          "variable at a writable directory.")
     assert os.listdir(cache) == []
