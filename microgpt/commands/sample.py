@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from microgpt.checkpoints.io import resolve_checkpoint
-from microgpt.checkpoints.loading import load_members, load_model
 from microgpt.commands.devices import device_problem
 from microgpt.errors import UserError
 from microgpt.files import WriteFailed, atomic_write
+from microgpt.checkpoints.loading import load_members, load_model
 from microgpt.model.gpt import GPT, Ensemble, sampling_problem
 from microgpt.model.tokenizer import CharTokenizer
 
