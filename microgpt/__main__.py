@@ -15,15 +15,16 @@ microgpt: a small, exact character-level GPT that learns from a file of names (o
 and invents new ones. Trained with PyTorch Lightning; runs on CPU, GPU, several devices.
 
 commands:
-  fit       train a model; a recipe from configs/ gives every setting (--config)
+  fit       train a model; a recipe gives every setting (--config names, names-batched, names-fast,
+            names-best, names-best-adamw, finetune: shipped with microgpt; or a recipe's path)
   validate  score a trained checkpoint on the validation names
   test      score a trained checkpoint on the test names, or on --data.test_path
   predict   invent names with a checkpoint through Lightning, written to a file
   sample    invent names with a checkpoint, quickly, with torch alone
-  serve     serve a checkpoint over HTTP, with a page to try it (pip install 'microgpt[serve]')
+  serve     serve a checkpoint over HTTP, with a page to try it (needs LitServe)
 
 example:
-  microgpt fit --config configs/names.yaml
+  microgpt fit --config names              (a shipped recipe by name, or a recipe's path)
   microgpt sample --ckpt_path last
 
 more help:
@@ -48,7 +49,7 @@ def main() -> None:
             except ModuleNotFoundError as err:
                 if err.name != "litserve":
                     raise
-                raise UserError("serving needs LitServe: pip install 'microgpt[serve]'") from None
+                raise UserError("serving needs LitServe: pip install 'litserve>=0.2.19'") from None
         serve_main(sys.argv[2:])
     else:
         from microgpt.commands.cli import main as cli_main

@@ -6,9 +6,11 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
 import torch
 from conftest import ROOT
-from helpers.names_reference import rows_of, split_names
+from helpers.names_reference import rows_of, split_names, train_batches
+from lightning.pytorch.callbacks import Callback
 
 from microgpt.data.datamodule import NamesDataModule
 from microgpt.data.rows import IGNORE_INDEX
@@ -86,7 +88,7 @@ def test_wheel_ships_the_names_and_their_notice(tmp_path):
     """A regular (non-editable) install must find the names too: they are package data in the wheel."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
-    (wheel,) = tmp_path.glob("microgpt-*.whl")
+    (wheel,) = tmp_path.glob("microgpt_names-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         assert {"microgpt/data/names.txt", "microgpt/data/NOTICE"} <= set(archive.namelist())
         assert hashlib.sha256(archive.read("microgpt/data/names.txt")).hexdigest().startswith("0a30b555")
@@ -98,3 +100,38 @@ def test_real_file_split(names_file):
     assert len(names["all"]) == 32033  # 32,032 newlines; the last name has none
     assert len(names["val"]) == 1000 and len(names["train"]) == 31033
     assert dm.vocab == "abcdefghijklmnopqrstuvwxyz"
+
+
+class RecordBatches(Callback):
+    """The training batches each epoch gives, as Lightning hands them to the model."""
+
+    def __init__(self):
+        self.epochs: dict[int, list] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.epochs.setdefault(trainer.current_epoch, []).append(batch)
+
+
+@pytest.mark.parametrize("shuffle", ["false", "true"])
+def test_overfit_batches_repeats_the_same_batches_every_epoch(tiny_names, tmp_path, shuffle):
+    """``--trainer.overfit_batches 2``, as a Lightning user passes it: every epoch trains on the first two
+    batches of the stream, the same names each time (20 names, 3 a batch: 7 batches in a whole epoch)."""
+    from microgpt.commands.cli import main
+
+    cli = main(["--config", str(ROOT / "configs" / "names.yaml"), "--data.path", str(tiny_names),
+                "--data.val_size", "2", "--data.batch_size", "3", "--data.shuffle", shuffle,
+                "--trainer.overfit_batches", "2", "--trainer.max_epochs", "4", "--trainer.max_steps", "-1",
+                "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                "--trainer.default_root_dir", str(tmp_path)], run=False)
+    record = RecordBatches()
+    cli.trainer.callbacks.append(record)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    names = split_names(cli.datamodule)["train"]
+    tokenizer = cli.datamodule.tokenizer
+    expected = train_batches(names, tokenizer, cli.datamodule.block_size, 3, range(2), shuffle=shuffle == "true",
+                             seed=cli.datamodule.seed)
+    assert sorted(record.epochs) == [0, 1, 2, 3]
+    for batches in record.epochs.values():
+        assert len(batches) == 2
+        for got, want in zip(batches, expected):
+            assert torch.equal(got.inputs, want.inputs) and torch.equal(got.targets, want.targets)

@@ -10,6 +10,8 @@ this process may not mount one, an injected ENOSPC stands in. The tests below re
 import errno
 import json
 import os
+import pickle
+import random
 import re
 import shutil
 import signal
@@ -25,7 +27,7 @@ from conftest import error_line
 from helpers.names_reference import split_names
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from microgpt.checkpoints.io import FORMAT, FORMAT_KEY, atomic_torch_save, find_checkpoint, load_checkpoint
+from microgpt.checkpoints.io import FORMAT, FORMAT_KEY, atomic_torch_save, load_checkpoint, resolve_checkpoint
 from microgpt.commands.cli import main
 from microgpt.errors import UserError
 
@@ -254,7 +256,7 @@ def test_a_full_disk_under_the_token_store_is_one_line_and_leaves_nothing(runs, 
                            "--trainer.default_root_dir", str(tmp_path)], capsys)
     finally:
         filler.unlink()
-    assert line.startswith(f"microgpt: error: cannot write the token store {cache}/other-")
+    assert line.startswith(f"microgpt: error: cannot write the token store {cache}/names-")
     assert line.endswith(f".tokens: {NO_SPACE}; point --data.cache_dir or the MICROGPT_CACHE environment "
                          "variable at a writable directory.")
     assert os.listdir(cache) == []
@@ -337,8 +339,28 @@ def damaged(ckpt: Path, dest: Path) -> None:
     dest.write_bytes(bytes(data))
 
 
+class RunsCode:
+    """Unpickling it calls ``os.getcwd``: code, however harmless, that a checkpoint must not hold."""
+
+    def __reduce__(self):
+        return os.getcwd, ()
+
+
+def event_file(ckpt: Path, dest: Path) -> None:
+    shutil.copy(next((ckpt.parents[1]).glob("events.out.tfevents.*")), dest)
+
+
 @pytest.mark.parametrize("make, problem", [
     (lambda ckpt, dest: None, "no such checkpoint file."),
+    (lambda ckpt, dest: dest.write_bytes(b"\x00" + random.Random(0).randbytes(5000)),
+     "is not a checkpoint (not a file torch.save writes)."),
+    (lambda ckpt, dest: shutil.copy(ckpt.parents[1] / "config.yaml", dest),
+     "is not a checkpoint (not a file torch.save writes)."),
+    (event_file, "is not a checkpoint (not a file torch.save writes)."),
+    (lambda ckpt, dest: dest.write_bytes(pickle.dumps({"state_dict": RunsCode()})),
+     "is a pickle that holds code (it would call posix.getcwd when loaded); it will not be loaded."),
+    (lambda ckpt, dest: torch.save({"state_dict": RunsCode()}, dest),
+     "holds code (it would call posix.getcwd when loaded); it will not be loaded."),
     (lambda ckpt, dest: dest.mkdir(), "is a directory, not a checkpoint file."),
     (lambda ckpt, dest: dest.write_bytes(b""), "is empty (0 bytes), not a checkpoint."),
     (lambda ckpt, dest: dest.write_bytes(ckpt.read_bytes()[:-300]), "is truncated (the end of the file is missing)."),
@@ -355,6 +377,7 @@ def test_each_way_a_checkpoint_cannot_load_is_reported_as_what_it_is(checkpoint,
     with pytest.raises(UserError) as failed:
         load_checkpoint(bad)
     assert str(failed.value).startswith(f"{bad}: {problem}")
+    assert "weights_only" not in str(failed.value)  # torch's advice to load it anyway, which would run its code
 
 
 def test_an_unreadable_checkpoint_is_reported_as_unreadable(checkpoint, tmp_path):
@@ -397,21 +420,50 @@ def test_sample_loads_on_the_cpu_and_moves_the_model(checkpoint, monkeypatch):
     assert seen == ["cpu"] and next(gpt.parameters()).device.type == "meta"
 
 
-def test_last_and_best_mean_the_checkpoint_written_last(tmp_path):
-    """The README's rule: of all runs in the root, the ``NAME.ckpt`` replaced most recently, finished run or
-    running; on equal times the higher version; never a temporary file."""
+def test_last_and_best_mean_that_file_of_the_newest_run(tmp_path, capsys):
+    """The README's rule: the newest run is the one whose newest checkpoint was written last, finished or
+    running (on equal times the higher version); ``last`` and ``best`` are its files, never another run's,
+    and the file taken is named in one line."""
     paths = {}
     for version in (0, 1, 2):
         paths[version] = tmp_path / "lightning_logs" / f"version_{version}" / "checkpoints" / "last.ckpt"
         atomic_torch_save({"global_step": version}, paths[version])
+    best = paths[0].parent / "best.ckpt"
+    atomic_torch_save({"global_step": 0}, best)
     (paths[2].parent / ".last.ckpt.x.part").write_bytes(b"half")
+    (tmp_path / "lightning_logs" / "version_3").mkdir()  # a run that saved nothing (validate, test, predict)
     os.utime(paths[0], ns=(3 * 10**18, 3 * 10**18))  # version 0, resumed and still running, saved last
-    os.utime(paths[1], ns=(2 * 10**18, 2 * 10**18))
-    os.utime(paths[2], ns=(2 * 10**18, 2 * 10**18))
-    assert find_checkpoint(tmp_path, "last") == paths[0]
+    for path in (best, paths[1], paths[2]):
+        os.utime(path, ns=(2 * 10**18, 2 * 10**18))
+    capsys.readouterr()
+    assert resolve_checkpoint("last", tmp_path, "--root") == str(paths[0])
+    assert capsys.readouterr().err == f"microgpt: --ckpt_path last is {paths[0]}\n"
+    assert resolve_checkpoint("best", tmp_path, "--root") == str(best)
     os.utime(paths[0], ns=(1 * 10**18, 1 * 10**18))
-    assert find_checkpoint(tmp_path, "last") == paths[2]  # same time as version 1: the higher version
-    assert find_checkpoint(tmp_path, "best") is None
+    assert resolve_checkpoint("last", tmp_path, "--root") == str(paths[2])  # same time as version 1: the higher
+    with pytest.raises(UserError) as failed:  # version 0's best.ckpt is another run's
+        resolve_checkpoint("best", tmp_path, "--root")
+    assert str(failed.value) == (f"--ckpt_path best: no best.ckpt in the newest run under {tmp_path}, "
+                                 f"{paths[2].parents[1]} (a run writes best.ckpt when it validates during fit); "
+                                 "pass a checkpoint file to take another run's.")
+    assert resolve_checkpoint("lightning_logs/version_0/checkpoints/best.ckpt", tmp_path, "--root") == (
+        "lightning_logs/version_0/checkpoints/best.ckpt")
+    assert resolve_checkpoint("last", tmp_path / "empty", "--root", start_afresh=True) is None
+    with pytest.raises(UserError, match=r"--ckpt_path last: no last.ckpt under .*empty \(no run there saved a "
+                                        r"checkpoint\); pass a checkpoint file or --root\.$"):
+        resolve_checkpoint("last", tmp_path / "empty", "--root")
+
+
+def test_sample_and_test_name_the_checkpoint_they_took(checkpoint, runs, tmp_path, capsys):
+    from microgpt.commands.sample import main as sample
+
+    root = checkpoint.parents[3]
+    newest = Path(resolve_checkpoint("last", root, "--root_dir"))
+    capsys.readouterr()
+    sample(["--ckpt_path", "last", "--root_dir", str(root), "--num_samples", "2"])
+    captured = capsys.readouterr()
+    assert captured.err == f"microgpt sample: --ckpt_path last is {newest}\n"
+    assert len(captured.out.splitlines()) == 2
 
 
 @pytest.mark.parametrize("logger", [[], ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "ROOT"]])

@@ -50,7 +50,7 @@ def test_the_overview_names_every_command_without_importing_torch(argv):
     assert result.returncode == 0
     for command in ("fit", "validate", "test", "predict", "sample"):
         assert re.search(rf"^  {command} +\S", result.stdout, flags=re.MULTILINE), command
-    assert "microgpt fit --config configs/names.yaml" in result.stdout
+    assert "microgpt fit --config names " in result.stdout  # a shipped recipe by name: no checkout needed
     assert "microgpt fit --help" in result.stdout and "microgpt sample --help" in result.stdout
     assert not {"torch", "lightning"} & modules_after(argv)
 

@@ -281,7 +281,7 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(checkpoint, tm
         main(eval_args(names, evil, tmp_path))
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"microgpt: error: {evil}: holds objects other than plain data and tensors; refusing to load it."
+        f"microgpt: error: {evil}: holds code (it would call getattr when loaded); it will not be loaded."
     )
     assert not marker.exists()
 

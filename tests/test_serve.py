@@ -197,7 +197,7 @@ def test_without_litserve_serve_says_what_to_install():
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                             env=serve_env(), timeout=60)
     assert result.returncode == 2
-    expected = "microgpt serve: error: serving needs LitServe: pip install 'microgpt[serve]'"
+    expected = "microgpt serve: error: serving needs LitServe: pip install 'litserve>=0.2.19'"
     assert result.stderr.strip().splitlines() == [expected]
 
 

@@ -200,17 +200,21 @@ def test_store_is_reused_while_the_file_is_unchanged_and_rebuilt_when_it_changes
     assert sorted(split_names(changed)["all"]) == ["anna", "bob", "carla", "dörte"] and "ö" in changed.vocab
 
 
-@pytest.mark.parametrize("damage", ["truncate", "old format"])
+@pytest.mark.parametrize("damage", ["truncate", "old format", "zeroed", "random"])
 def test_a_damaged_store_is_rebuilt_with_one_line(tmp_path, capsys, damage):
     path = tmp_path / "n.txt"
-    names = write_names(path, 50)
+    names = write_names(path, 200)
     dm = NamesDataModule(path=str(path), val_size=5, cache_dir=str(tmp_path / "cache"))
     dm.prepare_data()
     good = dm.split.store_path.read_bytes()
     if damage == "truncate":
         dm.split.store_path.write_bytes(good[:-9])
-    else:
+    elif damage == "old format":
         dm.split.store_path.write_bytes(good[:8] + struct.pack("<I", 0) + good[12:])
+    else:  # 500 bytes of the tokens and offsets overwritten, the size unchanged
+        new = bytes(500) if damage == "zeroed" else random.Random(0).randbytes(500)
+        dm.split.store_path.write_bytes(good[:1000] + new + good[1500:])
+        assert len(dm.split.store_path.read_bytes()) == len(good)
     capsys.readouterr()
     again = NamesDataModule(path=str(path), val_size=5, cache_dir=str(tmp_path / "cache"))
     again.setup("fit")
@@ -219,13 +223,48 @@ def test_a_damaged_store_is_rebuilt_with_one_line(tmp_path, capsys, damage):
     assert dm.split.store_path.read_bytes() == good and split_names(again)["train"] == seeded(names, 42)[:-5]
 
 
-def test_a_truncated_order_file_is_computed_again(tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["truncate", "zeroed"])
+def test_a_damaged_order_file_is_computed_again_with_one_line(tmp_path, capsys, damage):
     order = seeded_order(1000, 5, tmp_path)
     assert order.tolist() == seeded(list(range(1000)), 5)
-    path = tmp_path / "order-1000-seed5.npy"
-    path.write_bytes(path.read_bytes()[:-100])
+    (path,) = tmp_path.glob("order-1000-seed5.*")
+    good = path.read_bytes()
+    path.write_bytes(good[:-100] if damage == "truncate" else good[:32] + bytes(len(good) - 32))  # header kept
+    capsys.readouterr()
     assert seeded_order(1000, 5, tmp_path).tolist() == order.tolist()
-    assert "is unusable; computing it again" in capsys.readouterr().err
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    reason = "truncated" if damage == "truncate" else "its bytes do not match their checksum"
+    assert line == f"microgpt: the names' order {path} is unusable ({reason}); computing it again."
+    assert path.read_bytes() == good
+
+
+def test_a_zeroed_order_cache_never_trains_on_name_zero(tmp_path, capsys):
+    """The order overwritten with zeros of the right shape: every name would be name 0 (losses of 0.0000)."""
+    path = tmp_path / "n.txt"
+    names = write_names(path, 100)
+    first = NamesDataModule(path=str(path), val_size=5, cache_dir=str(tmp_path / "cache"))
+    first.setup("fit")
+    (order_file,) = (tmp_path / "cache").glob("order-*")
+    good = order_file.read_bytes()
+    order_file.write_bytes(good[:32] + bytes(len(good) - 32))
+    capsys.readouterr()
+    again = NamesDataModule(path=str(path), val_size=5, cache_dir=str(tmp_path / "cache"))
+    again.setup("fit")
+    assert "computing it again" in capsys.readouterr().err
+    assert split_names(again)["train"] == seeded(names, 42)[:-5]
+
+
+def test_a_copy_under_another_name_reuses_the_store(tmp_path, capsys):
+    """docs/data-store.md: an unchanged file reuses its store anywhere, under any name."""
+    (tmp_path / "a").mkdir()
+    original, copy = tmp_path / "names.txt", tmp_path / "a" / "other.txt"
+    write_names(original, 30)
+    copy.write_bytes(original.read_bytes())
+    NamesDataModule(path=str(original), val_size=3, cache_dir=str(tmp_path / "cache")).prepare_data()
+    assert len(building(capsys)) == 1
+    reused = NamesDataModule(path=str(copy), val_size=3, cache_dir=str(tmp_path / "cache"))
+    reused.prepare_data()
+    assert building(capsys) == [] and len(list((tmp_path / "cache").glob("*.tokens"))) == 1
 
 
 def test_an_unwritable_cache_is_one_line_naming_the_flag_and_variable(tiny_names, tmp_path, capsys):

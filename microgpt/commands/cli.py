@@ -25,11 +25,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from microgpt.callbacks import RunLogger, Stopped, WriteNames
-from microgpt.checkpoints.io import find_checkpoint, load_checkpoint
+from microgpt.checkpoints.io import load_checkpoint, resolve_checkpoint
 from microgpt.checkpoints.runs import with_claimed_version
 from microgpt.data.datamodule import NamesDataModule
 from microgpt.errors import UserError, exit_on_user_error, user_error_behind
 from microgpt.files import disk_full
+from microgpt.recipes import with_recipe_paths
 from microgpt.training.module import MicroGPT
 from microgpt.training.trainer_settings import check_trainer
 
@@ -123,13 +124,10 @@ class MicroGPTCLI(LightningCLI):
                             "a run: pass only one (to continue a fine-tuning run, drop --model.init_from).")
         if ckpt_path in ("last", "best"):
             root = config["trainer"].get("default_root_dir") or os.getcwd()
-            found = find_checkpoint(root, ckpt_path)
-            if found is None and ckpt_path == "best":
-                raise UserError(f"--ckpt_path best: no best.ckpt under {root} (a recipe that validates during fit "
-                                "writes one); pass --ckpt_path FILE or --trainer.default_root_dir.")
+            found = resolve_checkpoint(ckpt_path, root, "--trainer.default_root_dir", start_afresh=subcommand == "fit")
             if found is None:
                 rank_zero_warn(f"--ckpt_path last: no last.ckpt under {root}; starting from scratch.")
-            ckpt_path = config["ckpt_path"] = None if found is None else str(found)
+            ckpt_path = config["ckpt_path"] = found
         if subcommand in ("validate", "test", "predict"):
             if ckpt_path is None:
                 raise UserError(f"{subcommand} needs a trained model: pass --ckpt_path FILE, last or best.")
@@ -248,6 +246,10 @@ def main(args: list[str] | None = None, run: bool = True) -> MicroGPTCLI:
     """Run the command line; a ``UserError`` (or Lightning's ``MisconfigurationException``, its error for flags
     that contradict each other) is one line on stderr and exit status 2."""
     quiet_noise()
+    if args is None:  # a shipped recipe by name; in sys.argv, which the DDP launcher starts the other ranks with
+        sys.argv[1:] = with_recipe_paths(sys.argv[1:])
+    elif isinstance(args, list):
+        args = with_recipe_paths(args)
     try:
         with exit_on_user_error("microgpt", translate=user_error_or_misconfiguration):
             cli = MicroGPTCLI(

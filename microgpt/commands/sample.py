@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from microgpt.checkpoints.io import find_checkpoint
+from microgpt.checkpoints.io import resolve_checkpoint
 from microgpt.commands.devices import device_problem
 from microgpt.errors import OneLineParser, UserError, exit_on_user_error
 from microgpt.files import WriteFailed, atomic_write
@@ -63,14 +63,9 @@ def score_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, names: list[str])
     return ((nll * real).sum(1) / lengths).tolist()
 
 
-def resolve(path: str, root: str) -> str:
+def resolve(path: str, root: str, prog: str = "microgpt sample") -> str:
     """``path``, or for ``last`` / ``best`` the newest run's checkpoint of that name under ``root``."""
-    if path not in ("last", "best"):
-        return path
-    found = find_checkpoint(root, path)
-    if found is None:
-        raise UserError(f"--ckpt_path {path}: no {path}.ckpt under {Path(root).resolve()}; pass a file or --root_dir.")
-    return str(found)
+    return resolve_checkpoint(path, root, "--root_dir", prog)
 
 
 def write_output(path: Path, text: str) -> None:

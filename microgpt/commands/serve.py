@@ -1,7 +1,7 @@
 """``microgpt serve``: invent and score names over HTTP with LitServe, and a page at ``/`` to try the model.
 
 ``microgpt serve --ckpt_path best|last|FILE [--root_dir D] [--host H] [--port P] [--device D]
-[--max_batch_size N] [--batch_timeout S] [--api_key KEY]`` (the serve extra: ``pip install 'microgpt[serve]'``).
+[--max_batch_size N] [--batch_timeout S] [--api_key KEY]`` (the serve extra: ``pip install -e '.[serve]'`` in a checkout).
 
 * ``POST /predict`` ``{"count", "prefix", "temperature", "top_k", "top_p", "seed"}`` (all optional) answers
   ``{"names": [...]}``. Requests that arrive together are drawn in one batch of rows, each with its own settings
@@ -323,7 +323,7 @@ def stop_on_signal(parent: int) -> None:
 
 def serve(args: argparse.Namespace) -> None:
     """Check everything that can be wrong, then serve until SIGTERM or Ctrl-C."""
-    path = resolve(args.ckpt_path, args.root_dir)
+    path = resolve(args.ckpt_path, args.root_dir, "microgpt serve")
     device = check_device(args.device)
     gpt, _ = load_model(path)  # a checkpoint that will not load stops here, before anything listens
     parameters = sum(p.numel() for p in gpt.parameters())

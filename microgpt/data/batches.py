@@ -101,13 +101,15 @@ class TrainBatches(IterableDataset):
     state Lightning saves in a checkpoint and restores on resume (``state_dict``), so a resumed run goes
     on with the very next batch. With ``static``, every batch has one shape, so that a compiled step
     compiles once: padded rows are ``block_size`` wide, and packed batches get empty rows up to a multiple
-    of ``row_multiple``, the most rows the first pass's batches need.
+    of ``row_multiple``, the most rows the first pass's batches need. With ``repeat`` (Lightning's
+    ``--trainer.overfit_batches``, which cuts every epoch short), every epoch is epoch 0's batches again.
     """
 
     def __init__(self, rows: NameRows, batch_size: int, current_epoch: Callable[[], int] = lambda: 0,
                  shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1, packed: bool = False,
-                 accumulate: int = 1, static: bool = False):
+                 accumulate: int = 1, static: bool = False, repeat: bool = False):
         self.rows = rows
+        self.repeat = repeat
         self.static = static
         self.packed = packed
         self.num_names = len(rows)
@@ -180,7 +182,7 @@ class TrainBatches(IterableDataset):
         epoch = self.current_epoch()
         start = self.done[1] if self.done[0] == epoch else 0
         for i in range(start, self.batches_per_epoch):
-            k = epoch * self.batches_per_epoch + i
+            k = (0 if self.repeat else epoch) * self.batches_per_epoch + i
             names = self.global_names(k)
             tokens = int(self.rows.target_counts(names).sum())
             mine = self.own_slice(names)

@@ -172,7 +172,8 @@ class NamesDataModule(L.LightningDataModule):
         accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
         return TrainBatches(self.train_rows, self.batch_size, self.current_epoch, shuffle=self.shuffle,
                             seed=self.seed, rank=self.rank, world_size=self.world_size, packed=self.pack,
-                            accumulate=accumulate, static=self.static_shapes)
+                            accumulate=accumulate, static=self.static_shapes,
+                            repeat=bool(self.trainer and self.trainer.overfit_batches))
 
     def val_dataloader(self) -> EvalBatches:
         return EvalBatches(self.val_rows, self.eval_batch_size, self.rank, self.world_size)

@@ -8,9 +8,12 @@ One store file holds, after a 64-byte header:
 * a 64-bit hash of every name's tokens, for telling whether a string is one of the names;
 * the vocabulary, UTF-8: the file's characters, sorted, in id order.
 
-It is named by the source file's content hash and the format version, built as a stream (a few MiB of
-text at a time) and written with ``atomic_write``, so it is complete or absent. The seeded order of the
-names (``random.Random(seed).shuffle`` of their indices) is cached beside it, named by count and seed.
+It is named by the source file's content hash (only: a byte-identical copy under another name reuses it)
+and the format version, built as a stream (a few MiB of text at a time) and written with ``atomic_write``,
+so it is complete or absent. The seeded order of the names (``random.Random(seed).shuffle`` of their
+indices) is cached beside it, named by count and seed. Both carry a CRC-32 of everything after their
+header, checked once per process when they are opened: a damaged store is built again, a damaged order
+computed again, each with one line naming the file.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import random
 import struct
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -32,10 +36,13 @@ from tqdm.auto import tqdm
 from microgpt.errors import UserError
 from microgpt.files import WriteFailed, atomic_write, os_reason, unreadable
 
-FORMAT = 1  # bump when the layout changes: the file name and the header both carry it
+FORMAT = 2  # bump when the layout changes: the file name and the header both carry it
 MAGIC = b"MGPTTOKS"
-HEADER = struct.Struct("<8sIIQQQ")  # magic, format, token itemsize, names, tokens, vocabulary bytes
+HEADER = struct.Struct("<8sIIQQQQ")  # magic, format, token itemsize, names, tokens, vocabulary bytes, CRC-32
 HEADER_BYTES = 64
+ORDER_MAGIC = b"MGPTORDR"
+ORDER_HEADER = struct.Struct("<8sIIQQ")  # magic, format, index itemsize, count, CRC-32
+ORDER_HEADER_BYTES = 32
 CHUNK_BYTES = 4 << 20  # text read per step while scanning and building
 CHUNK_LINES = 1 << 20  # names looked at per step by a pass over many of them
 PROGRESS_FROM = 64 << 20  # files at least this large show a progress bar while the store is built
@@ -160,19 +167,38 @@ def align8(n: int) -> int:
     return (n + 7) // 8 * 8
 
 
+_verified: set[tuple] = set()  # (path, inode, size, mtime) of the files this process found whole
+
+
+def check_content(path: Path, offset: int, expected: int) -> None:
+    """Raise ``ValueError`` unless the CRC-32 of ``path``'s bytes from ``offset`` on is ``expected``: read
+    through the mapping (the pages training reads next), once per process and version of the file."""
+    stat = path.stat()
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key in _verified:
+        return
+    crc = 0
+    if stat.st_size > offset:
+        crc = zlib.crc32(memoryview(np.memmap(path, dtype=np.uint8, mode="r", offset=offset)))
+    if crc != expected:
+        raise ValueError("its bytes do not match their checksum")
+    _verified.add(key)
+
+
 class TokenStore:
     """A store file mapped read-only: ``tokens``, ``offsets``, ``hashes`` and ``chars`` (see the module's docstring).
 
-    Pickling keeps only the path; unpickling maps the file again.
+    ``verify`` checks the content's checksum first (``open_store`` does); pickling keeps only the path, and
+    unpickling maps the file again.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, verify: bool = False):
         self.path = Path(path)
         with self.path.open("rb") as f:
             head = f.read(HEADER_BYTES)
             if len(head) < HEADER_BYTES:
                 raise ValueError("shorter than its header")
-            magic, version, itemsize, count, num_tokens, vocab_bytes = HEADER.unpack_from(head)
+            magic, version, itemsize, count, num_tokens, vocab_bytes, crc = HEADER.unpack_from(head)
             if magic != MAGIC or version != FORMAT:
                 raise ValueError(f"not a format {FORMAT} token store")
             dtype = np.dtype(f"<u{itemsize}")
@@ -181,6 +207,8 @@ class TokenStore:
             at_vocab = at_hashes + 8 * count
             if self.path.stat().st_size != at_vocab + vocab_bytes:
                 raise ValueError("truncated")
+            if verify:
+                check_content(self.path, HEADER_BYTES, crc)
             f.seek(at_vocab)
             self.chars = f.read(vocab_bytes).decode("utf-8")
         self.tokens = np.memmap(self.path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
@@ -249,8 +277,9 @@ def names_among(store: TokenStore, lines: np.ndarray, names: list[str]) -> set[s
 
 
 def store_path(source: Path, cache_dir: Path) -> Path:
-    """Where the store of ``source`` lives: named by its content hash and the format version."""
-    return cache_dir / f"{source.stem}-{content_hash(source)[:20]}.v{FORMAT}.tokens"
+    """Where the store of ``source`` lives: named by its content hash and the format version, not by its
+    name, so that a byte-identical copy anywhere, under any name, shares it."""
+    return cache_dir / f"names-{content_hash(source)[:20]}.v{FORMAT}.tokens"
 
 
 def open_store(path: Path) -> tuple[TokenStore | None, str]:
@@ -258,7 +287,7 @@ def open_store(path: Path) -> tuple[TokenStore | None, str]:
     if not path.exists():
         return None, ""
     try:
-        return TokenStore(path), ""
+        return TokenStore(path, verify=True), ""
     except (OSError, ValueError, UnicodeDecodeError) as err:
         return None, str(err)
 
@@ -288,6 +317,13 @@ def write_store(f: BinaryIO, source: Path, chars: str, scratch: Path) -> None:
     lookup = np.zeros(0x110000, dtype=dtype)
     lookup[[ord(c) for c in chars]] = np.arange(len(chars), dtype=dtype)
     f.write(bytes(HEADER_BYTES))
+    crc = 0
+
+    def put(data: bytes) -> None:
+        nonlocal crc
+        f.write(data)
+        crc = zlib.crc32(data, crc)
+
     count = num_tokens = 0
     size = source.stat().st_size
     with tempfile.TemporaryFile(dir=scratch) as offsets, tempfile.TemporaryFile(dir=scratch) as hashes, \
@@ -299,39 +335,60 @@ def write_store(f: BinaryIO, source: Path, chars: str, scratch: Path) -> None:
                 continue
             points, lengths = code_points(names)
             ids = lookup[points]
-            f.write(ids.tobytes())
+            put(ids.tobytes())
             offsets.write((num_tokens + np.cumsum(lengths)).astype("<i8").tobytes())
             hashes.write(line_hashes(ids, lengths).astype("<u8").tobytes())
             count, num_tokens = count + len(lengths), num_tokens + len(ids)
-        f.write(bytes(align8(HEADER_BYTES + num_tokens * dtype.itemsize) - HEADER_BYTES - num_tokens * dtype.itemsize))
+        put(bytes(align8(HEADER_BYTES + num_tokens * dtype.itemsize) - HEADER_BYTES - num_tokens * dtype.itemsize))
         for part in (offsets, hashes):
             part.seek(0)
-            f.writelines(blocks(part))
+            for block in blocks(part):
+                put(block)
     vocab = chars.encode("utf-8")
-    f.write(vocab)
+    put(vocab)
     f.seek(0)
-    f.write(HEADER.pack(MAGIC, FORMAT, dtype.itemsize, count, num_tokens, len(vocab)))
+    f.write(HEADER.pack(MAGIC, FORMAT, dtype.itemsize, count, num_tokens, len(vocab), crc))
+
+
+def order_path(count: int, seed: int, cache_dir: Path) -> Path:
+    """Where the seeded order of ``count`` names is cached."""
+    return cache_dir / f"order-{count}-seed{seed}.v{FORMAT}.order"
+
+
+def read_order(path: Path, count: int) -> np.ndarray:
+    """The order cached at ``path``, mapped, after checking its header and checksum (``ValueError`` if wrong)."""
+    with path.open("rb") as f:
+        head = f.read(ORDER_HEADER_BYTES)
+    if len(head) < ORDER_HEADER_BYTES:
+        raise ValueError("shorter than its header")
+    magic, version, itemsize, stored, crc = ORDER_HEADER.unpack_from(head)
+    if magic != ORDER_MAGIC or version != FORMAT or itemsize not in (4, 8) or stored != count:
+        raise ValueError(f"not a format {FORMAT} order of {count} names")
+    if path.stat().st_size != ORDER_HEADER_BYTES + count * itemsize:
+        raise ValueError("truncated")
+    check_content(path, ORDER_HEADER_BYTES, crc)
+    return np.memmap(path, dtype=f"<i{itemsize}", mode="r", offset=ORDER_HEADER_BYTES, shape=(count,))
 
 
 def seeded_order(count: int, seed: int, cache_dir: Path, flag: str = "--data.cache_dir") -> np.ndarray:
     """The order ``random.Random(seed).shuffle`` puts ``count`` items in, as indices (mapped from the
-    cache; computed and saved there the first time)."""
-    path = cache_dir / f"order-{count}-seed{seed}.npy"
+    cache; computed and saved there the first time, and again when the cached one is damaged)."""
+    path = order_path(count, seed, cache_dir)
     if path.exists():
         try:
-            order = np.load(path, mmap_mode="r")
-            if order.shape == (count,):
-                return order
-        except (OSError, ValueError):
-            pass
-        print(f"microgpt: {path} is unusable; computing it again.", file=sys.stderr, flush=True)
+            return read_order(path, count)
+        except (OSError, ValueError) as err:
+            print(f"microgpt: the names' order {path} is unusable ({err}); computing it again.", file=sys.stderr,
+                  flush=True)
     # Python's shuffle depends only on the length, so shuffling indices orders names as shuffling them does;
     # a compact array keeps the memory at 4 or 8 bytes per name
     indices = array.array("i" if count < 2**31 else "q", range(count))
     random.Random(seed).shuffle(indices)
     order = np.frombuffer(indices, dtype=np.int32 if indices.itemsize == 4 else np.int64)
+    data = memoryview(order.astype(order.dtype.newbyteorder("<"), copy=False))  # a view on little-endian machines
+    head = ORDER_HEADER.pack(ORDER_MAGIC, FORMAT, order.itemsize, count, zlib.crc32(data))
     try:
-        atomic_write(path, lambda f: np.save(f, order))
+        atomic_write(path, lambda f: f.writelines([head, data]))
     except WriteFailed as err:
         raise UserError(f"cannot write the names' order {path}: {os_reason(err.error)}; point {flag} "
                         f"or the {CACHE_ENV} environment variable at a writable directory.") from None
