@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from microgpt.errors import UserError
-from microgpt.model.gpt import sampling_problem
+from microgpt.model.sampling import sampling_problem
 
 
 def novelty(names: list[str], train_names: set[str], held_out_names: set[str]) -> dict[str, float]:

@@ -20,7 +20,8 @@ from microgpt.commands.devices import device_problem
 from microgpt.errors import UserError
 from microgpt.files import WriteFailed, atomic_write
 from microgpt.checkpoints.loading import load_members, load_model
-from microgpt.model.gpt import GPT, Ensemble, sampling_problem
+from microgpt.model.gpt import GPT, Ensemble
+from microgpt.model.sampling import SampleRequest, generate, sampling_problem
 from microgpt.model.tokenizer import CharTokenizer
 
 
@@ -37,8 +38,9 @@ def sample_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, num_samples: int
     was_training = gpt.training
     gpt.eval()
     try:
-        ids = gpt.generate([tokenizer.bos, *tokenizer.encode(prefix)], num_samples, tokenizer.bos,
-                           temperature=temperature, top_k=top_k, generator=generator, top_p=top_p)
+        request = SampleRequest([tokenizer.bos, *tokenizer.encode(prefix)], num_samples, temperature, top_k, top_p,
+                                generator)
+        ids = generate(gpt, [request], tokenizer.bos)[0]
     finally:
         gpt.train(was_training)
     return [prefix + tokenizer.decode(s) for s in ids]

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from microgpt.errors import UserError
 from microgpt.checkpoints.loading import load_model
-from microgpt.model.sampling import SampleRequest, generate_batch
+from microgpt.model.sampling import SampleRequest, generate
 from microgpt.commands.sample import positive_int, resolve, score_names
 
 MAX_COUNT = 1000  # names per /predict request
@@ -184,7 +184,7 @@ class PredictAPI(CheckpointAPI):
     def predict(self, batch):
         decoded, batched = rows(batch)
         draws = [d for d in decoded if isinstance(d, Draw)]
-        drawn = iter(generate_batch(self.gpt, [d.request for d in draws], self.tokenizer.bos))
+        drawn = iter(generate(self.gpt, [d.request for d in draws], self.tokenizer.bos))
         out = [d if isinstance(d, Invalid) else [d.prefix + self.tokenizer.decode(s) for s in next(drawn)]
                for d in decoded]
         return out if batched else out[0]
