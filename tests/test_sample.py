@@ -26,7 +26,7 @@ END = 9
 
 def draw(model, prompt, count, end_token, max_new_tokens=None, **settings):
     """The continuations of one request, as ``sample`` draws them."""
-    return generate(model, [SampleRequest(prompt, count, **settings)], end_token, max_new_tokens)[0]
+    return generate(model, [SampleRequest(prompt, count, **settings)], end_token, max_new_tokens)[0].tokens
 
 
 def noisy_model(block_size=8, seed=0):
@@ -57,7 +57,7 @@ def test_cached_generation_draws_the_same_tokens_as_the_seed_loop(prompt, max_ne
     for seed in range(20):
         expected = seed_style(model, prompt, max_new, 0.8, torch.Generator().manual_seed(seed))
         got = draw(model, prompt, 1, END, max_new_tokens=max_new, temperature=0.8,
-                             generator=torch.Generator().manual_seed(seed))
+                   generator=torch.Generator().manual_seed(seed))
         assert got == [expected]
 
 
@@ -86,7 +86,7 @@ def test_generation_is_reproducible_with_a_seed_and_names_stop_correctly():
 def test_top_k_never_draws_outside_the_k_likeliest():
     model = noisy_model()
     out = draw(model, [END, 2], 200, END, max_new_tokens=6, temperature=2.0, top_k=3,
-                         generator=torch.Generator().manual_seed(0))
+               generator=torch.Generator().manual_seed(0))
     for seq in out:
         context = [END, 2]
         for token in seq + ([END] if len(seq) < 6 else []):

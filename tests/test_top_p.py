@@ -31,7 +31,7 @@ def brute_force_nucleus(probs: list[float], p: float) -> set[int]:
 
 def draw(model, prompt, count, end_token, max_new_tokens=None, **settings):
     """The continuations of one request, as ``sample`` draws them."""
-    return generate(model, [SampleRequest(prompt, count, **settings)], end_token, max_new_tokens)[0]
+    return generate(model, [SampleRequest(prompt, count, **settings)], end_token, max_new_tokens)[0].tokens
 
 
 def fixed_model(probs: list[float]) -> GPT:
@@ -58,7 +58,7 @@ def test_fixed_model_predicts_the_distribution():
 def test_generate_draws_exactly_the_smallest_set_that_reaches_p(p):
     expected = brute_force_nucleus(PROBS, p)
     drawn = draw(fixed_model(PROBS), [0], 4000, end_token=0, max_new_tokens=1, top_p=p,
-                                        generator=torch.Generator().manual_seed(0))
+                 generator=torch.Generator().manual_seed(0))
     # token 0 is the end token, so a draw of it comes back as an empty continuation
     assert {seq[0] if seq else 0 for seq in drawn} == expected  # every member is at least 5% of 4000 draws
 
@@ -130,11 +130,10 @@ def test_a_batch_of_requests_draws_what_each_draws_alone():
     model = noisy_model()
     requests = [SampleRequest(p, n, t, k, tp, torch.Generator().manual_seed(i)) for i, (p, n, t, k, tp)
                 in enumerate(REQUESTS)]
-    together = generate(model, requests, END)
+    together = [drawn.tokens for drawn in generate(model, requests, END)]
     for i, ((prompt, n, t, k, tp), got) in enumerate(zip(REQUESTS, together)):
         # alone, a request reads its whole prompt in one pass; in the batch, only the part every prompt has
-        alone = draw(model, prompt, n, END, temperature=t, top_k=k, top_p=tp,
-                               generator=torch.Generator().manual_seed(i))
+        alone = draw(model, prompt, n, END, temperature=t, top_k=k, top_p=tp, generator=torch.Generator().manual_seed(i))
         assert got == alone
         assert all(len(s) <= model.block_size for s in got)
 
@@ -142,13 +141,13 @@ def test_a_batch_of_requests_draws_what_each_draws_alone():
 def test_a_seeded_request_gets_the_same_tokens_whatever_else_is_in_the_batch():
     model = noisy_model(1)
     mine = lambda: SampleRequest([END, 2, 7], 6, 1.3, 4, 0.9, torch.Generator().manual_seed(42))
-    alone = generate(model, [mine()], END)[0]
+    alone = generate(model, [mine()], END)[0].tokens
     others = [SampleRequest(p, n, t, k, tp) for p, n, t, k, tp in REQUESTS]  # unseeded: torch's global numbers
     for companions in (others[:1], others[2:], others[::-1] * 3):
         batch = [*companions[: len(companions) // 2], mine(), *companions[len(companions) // 2 :]]
-        assert generate(model, batch, END)[len(companions) // 2] == alone
+        assert generate(model, batch, END)[len(companions) // 2].tokens == alone
     assert generate(model, [mine(), SampleRequest([END], 1, 1.0, generator=torch.Generator().manual_seed(42))],
-                          END)[0] == alone
+                          END)[0].tokens == alone
 
 
 def test_each_row_keeps_its_own_nucleus_in_a_mixed_batch():
@@ -156,9 +155,9 @@ def test_each_row_keeps_its_own_nucleus_in_a_mixed_batch():
     cuts = [0.1, 0.56, 0.9, 1.0, None]
     requests = [SampleRequest([0], 2000, 1.0, None, p, torch.Generator().manual_seed(i)) for i, p in enumerate(cuts)]
     for p, drawn in zip(cuts, generate(gpt, requests, end_token=0, max_new_tokens=1)):
-        assert {s[0] if s else 0 for s in drawn} == brute_force_nucleus(PROBS, p or 1.0)
-    top_k = generate(gpt, [SampleRequest([0], 2000, 1.0, 2, 0.9), SampleRequest([0], 2000, 1.0, 4, 0.6)],
-                           end_token=0, max_new_tokens=1)
+        assert {s[0] if s else 0 for s in drawn.tokens} == brute_force_nucleus(PROBS, p or 1.0)
+    top_k = [drawn.tokens for drawn in generate(gpt, [SampleRequest([0], 2000, 1.0, 2, 0.9),
+                                                      SampleRequest([0], 2000, 1.0, 4, 0.6)], end_token=0, max_new_tokens=1)]
     likeliest = sorted(range(len(PROBS)), key=lambda i: -PROBS[i])
     assert {s[0] for s in top_k[0]} == set(likeliest[:2])  # top-k first, then the nucleus of what is left
     renormalized = [PROBS[i] if i in likeliest[:4] else 0.0 for i in range(len(PROBS))]

@@ -88,11 +88,12 @@ class SampleNames(L.Callback):
 
 
 def report_novelty(trainer: L.Trainer, names: list[str], what: str) -> dict[str, float] | None:
-    """Print which shares of ``names`` are training names, held-out names or new, and return them
-    (None when the data module does not know its names)."""
+    """Print which shares of ``names`` (or of lines ``name<TAB>log-probability``) are training names, held-out
+    names or new, and return them (None when the data module does not know its names)."""
     datamodule = trainer.datamodule
     if datamodule is None or not hasattr(datamodule, "known_names"):
         return None
+    names = [name.split("\t")[0] for name in names]  # lines of name<TAB>log-probability count as their names
     shares = novelty(names, *datamodule.known_names(names))
     print(f"{what}: {shares['new']:.0%} new, {shares['train']:.0%} training names, "
           f"{shares['held_out']:.0%} held-out names")

@@ -20,7 +20,7 @@ from microgpt.model.gpt import GPT, Ensemble, size_problem
 from microgpt.training.optimizers import MuonWithAdamW
 from microgpt.training.random_state import restore_random_state, saved_random_state
 from microgpt.data.rows import IGNORE_INDEX
-from microgpt.commands.sample import sample_names
+from microgpt.commands.sample import predict_names, sample_names
 from microgpt.training.step_losses import StepLosses, first_non_finite
 from microgpt.model.tokenizer import CharTokenizer
 
@@ -138,11 +138,7 @@ class MicroGPT(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
         """A batch is a sampling request from the data module: how many names, how to draw them, and a seed."""
-        if batch["count"] == 0:
-            return []
-        generator = torch.Generator(self.device).manual_seed(batch["seed"])
-        return self.sample(batch["count"], batch["temperature"], batch["top_k"], batch["prefix"], generator,
-                           top_p=batch["top_p"])
+        return predict_names(self.predictor, self.tokenizer, batch)
 
     def logits_and_targets(self, batch: Batch | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, targets) of a batch of padded rows (inputs, targets) or packed rows (inputs, targets, positions)."""
