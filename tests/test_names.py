@@ -298,3 +298,26 @@ def test_serve_takes_the_options_and_draws_what_sample_draws(run):
             assert post(url, {"count": 2})[0] == 200
     finally:
         server.stop()
+
+
+def test_the_sampling_callback_takes_the_options(tiny_names, tmp_path, capsys):
+    import lightning as L
+
+    from microgpt.callbacks import SampleNames
+    from microgpt.data.datamodule import NamesDataModule
+    from microgpt.errors import UserError
+    from microgpt.training.module import MicroGPT
+
+    def fit(callback, root):
+        dm = NamesDataModule(path=str(tiny_names), val_size=2)
+        trainer = L.Trainer(max_steps=3, default_root_dir=root, callbacks=[callback], enable_progress_bar=False,
+                            enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)
+        trainer.fit(MicroGPT(dm.vocab), datamodule=dm)
+        return trainer
+
+    trainer = fit(SampleNames(num_samples=10, min_length=3, max_length=4, unique=True, only_new=True, seed=1), tmp_path)
+    drawn = (Path(trainer.log_dir) / "samples.txt").read_text().splitlines()
+    assert len(set(drawn)) == 10 and all(3 <= len(name) <= 4 for name in drawn)
+    assert not set(tiny_names.read_text().split()) & set(drawn)
+    with pytest.raises(UserError, match="max_length 8 is beyond the model's context"):
+        fit(SampleNames(max_length=8), tmp_path / "bad")

@@ -137,7 +137,7 @@ class NamesDataModule(L.LightningDataModule):
                                 "show_logprob": predict_show_logprob}
         self.predict_size = predict_likeliest or predict_size
         self.loaded_known: KnownNames | None = None  # the names stored in the checkpoint predict loads
-        self._known_state: dict | None = None
+        self._known: KnownNames | None = None
         self.seed = seed
         self.eval_batch_size = eval_batch_size
         self.static_shapes = static_shapes
@@ -211,7 +211,7 @@ class NamesDataModule(L.LightningDataModule):
         known = None
         if request["only_new"]:
             from_checkpoint = self.trainer is not None and self.trainer.ckpt_path is not None
-            known = self.loaded_known if from_checkpoint else KnownNames.of_split(self.split)
+            known = self.loaded_known if from_checkpoint else self.known
             request["known"] = known
         if model is not None:
             options = NameOptions(1, *(request[k] for k in ("prefix", "temperature", "top_k", "top_p", "min_length",
@@ -221,12 +221,17 @@ class NamesDataModule(L.LightningDataModule):
         seed = torch.initial_seed() if self.predict_seed is None else self.predict_seed
         return PredictRequests(self.predict_size, self.eval_batch_size, request, seed, self.rank, self.world_size)
 
+    @property
+    def known(self) -> KnownNames:
+        """The training and held-out names of this split, as hashes (``microgpt.data.known``)."""
+        if self._known is None:
+            self._known = KnownNames.of_split(self.split)
+        return self._known
+
     def state_dict(self) -> dict:
         """What every checkpoint keeps of the data: the hashes of the training and held-out names, so that the
-        checkpoint alone can tell new names from known ones (``microgpt.data.known``)."""
-        if self._known_state is None:
-            self._known_state = KnownNames.of_split(self.split).state()
-        return {STATE_KEY: self._known_state}
+        checkpoint alone can tell new names from known ones."""
+        return {STATE_KEY: self.known.state()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Keep the names a loaded checkpoint carries, for predict's only_new."""
