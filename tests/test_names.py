@@ -133,7 +133,7 @@ def test_likeliest_equals_brute_force(prefix, low, high):
 def test_likeliest_says_when_fewer_names_exist():
     found = draw(tiny_model(), TOKENIZER, NameOptions(min_length=2, max_length=2, likeliest=12))
     assert sorted(found.names) == sorted(a + b for a in CHARS for b in CHARS)
-    assert found.shortfall == "the model gives only 9 names that are of 2 to 2 characters a probability above zero."
+    assert found.shortfall == "the model gives only 9 names that are of 2 characters a probability above zero."
 
 
 def test_only_new_never_returns_a_known_name_and_unique_never_repeats():
@@ -151,7 +151,7 @@ def test_only_new_never_returns_a_known_name_and_unique_never_repeats():
     short = draw(gpt, TOKENIZER, NameOptions(5, temperature=1.0, unique=True, min_length=1, max_length=1),
                  torch.Generator().manual_seed(0))
     assert sorted(short.names) == list(CHARS)
-    assert short.shortfall == ("found only 3 of 5 names that are unique and of 1 to 1 characters in 500 draws; "
+    assert short.shortfall == ("found only 3 of 5 names that are unique and of 1 character in 500 draws; "
                                "ask for fewer, or loosen the settings.")
 
 

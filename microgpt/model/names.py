@@ -155,7 +155,8 @@ def wanted(o: NameOptions) -> str:
     parts = [word for word, on in (("new", o.only_new), ("unique", o.unique)) if on]
     if o.min_length is not None or o.max_length is not None:
         low, high = o.min_length, o.max_length
-        parts.append(f"of {low} to {high} characters" if low is not None and high is not None
+        parts.append(f"of {low} character{'s' * (low != 1)}" if low == high
+                     else f"of {low} to {high} characters" if low is not None and high is not None
                      else f"of at least {low} characters" if low is not None else f"of at most {high} characters")
     return "that are " + ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
 

@@ -188,7 +188,8 @@ def draw_rows(model: GPT | Ensemble, requests: list[SampleRequest], end_token: i
     draws = [0] * len(requests)
     done = [False] * len(requests)
     ended = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    logprob = torch.zeros(len(prompts), dtype=torch.float64, device=device)
+    logprob = torch.zeros(len(prompts), device=device)
+    owner = torch.arange(len(requests), device=device).repeat_interleave(repeat)  # each row's request
     history = []  # the token of every row at positions common, common + 1, ...: its prompt's, then its draws
     position = common
     while True:
@@ -206,11 +207,9 @@ def draw_rows(model: GPT | Ensemble, requests: list[SampleRequest], end_token: i
                     a, b = bounds[i], bounds[i + 1]
                     tokens[a:b] = torch.multinomial(probs[a:b], 1, generator=requests[i].generator)[:, 0]
                 draws[i] += 1
-            live = torch.zeros_like(ended)
-            for i in drawing:
-                live[bounds[i]:bounds[i + 1]] = True
+            live = torch.tensor([i in drawing for i in range(len(requests))], device=device)[owner]  # rows that drew
             # the model's own probability of each drawn token, for the rows that had not ended before it
-            gain = F.log_softmax(logits.double(), dim=-1).gather(-1, tokens[:, None])[:, 0]
+            gain = F.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])[:, 0]
             logprob += torch.where(live & ~ended, gain, torch.zeros_like(gain))
             ended |= live & (tokens == end_token)
             ended_rows = ended.tolist()
@@ -295,8 +294,8 @@ def likeliest(model: GPT | Ensemble, prompt: list[int], end_token: int, count: i
         idx = torch.tensor([row + [end_token] * (width - len(row)) for row in rows], device=device)
         last = torch.tensor([len(row) - 1 for row in rows], device=device)
         logits = model(idx)[torch.arange(len(rows), device=device), last]
-        children = (F.log_softmax(logits.double(), dim=-1) - torch.tensor([n[0] for n in nodes], dtype=torch.float64,
-                                                                           device=device)[:, None]).tolist()
+        parents = torch.tensor([-n[0] for n in nodes], dtype=torch.float64)[:, None]
+        children = (F.log_softmax(logits.float(), dim=-1).cpu().double() + parents).tolist()
         for (_, _, tokens, _), scores in zip(nodes, children):
             for token, score in enumerate(scores):
                 if score < floor() or score == -math.inf:
