@@ -19,6 +19,7 @@ from microgpt.data.datamodule import chunk_seed
 from microgpt.data.known import KnownNames
 from microgpt.model.gpt import GPT
 from microgpt.model.names import NameOptions
+from microgpt.model.sampling import likeliest
 from microgpt.model.tokenizer import CharTokenizer
 
 CONFIG = str(ROOT / "configs" / "names.yaml")
@@ -134,6 +135,8 @@ def test_likeliest_says_when_fewer_names_exist():
     found = draw(tiny_model(), TOKENIZER, NameOptions(min_length=2, max_length=2, likeliest=12))
     assert sorted(found.names) == sorted(a + b for a in CHARS for b in CHARS)
     assert found.shortfall == "the model gives only 9 names that are of 2 characters a probability above zero."
+    bounded = likeliest(tiny_model(), [END], END, 12, (2, 5), max_expanded=2)  # stops after its second read
+    assert bounded.exhausted and len(bounded.tokens) < 12
 
 
 def test_only_new_never_returns_a_known_name_and_unique_never_repeats():

@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 
 from microgpt.model.gpt import GPT, Ensemble
-from microgpt.model.sampling import SampleRequest, generate, likeliest, sampling_problem
+from microgpt.model.sampling import MAX_EXPANDED, SampleRequest, generate, likeliest, sampling_problem
 from microgpt.model.tokenizer import CharTokenizer
 
 LIKELIEST_MAX = 1000  # names one --likeliest search returns at most
@@ -164,8 +164,9 @@ def wanted(o: NameOptions) -> str:
 def likeliest_shortfall(o: NameOptions, found: int, exhausted: bool) -> str | None:
     if found == o.likeliest:
         return None
-    if exhausted:
-        return f"found {found} of the {o.likeliest} likeliest names before the search reached its bound; ask for fewer."
     what = " " + wanted(o) if o.only_new or o.min_length is not None or o.max_length is not None else ""
+    if exhausted:
+        return (f"found only {found} of the {o.likeliest} likeliest names{what} after reading {MAX_EXPANDED:,} "
+                "partial names, the search's bound; ask for fewer, or a lower min_length.")
     return f"the model gives only {found} names{what} a probability above zero."
 
