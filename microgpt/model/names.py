@@ -39,8 +39,8 @@ class NameOptions:
         max_length: Names have at most this many characters, the prefix included.
         only_new: Only names that are neither training nor held-out names of the run that made the model.
         unique: No name twice.
-        likeliest: Instead of drawing, the this many most probable names (by the model's own probabilities:
-            temperature, top_k and top_p play no part), most probable first.
+        likeliest: This many of the most probable names instead of drawn ones, most probable first (by the
+            model's own probabilities: temperature, top_k and top_p play no part).
     """
 
     count: int = 20

@@ -68,8 +68,8 @@ class SampleRequest:
 @dataclass
 class Drawn:
     """What ``generate`` drew for one request: the continuations (new tokens without the end), the natural log
-    of the model's probability of each given the prompt (its end included, at temperature 1 with no cut), and
-    how many continuations it drew to find them."""
+    of the model's probability of each given the prompt (at temperature 1 with no cut; its end included when it
+    ended, rather than being cut at the most tokens), and how many continuations it drew to find them."""
 
     tokens: list[list[int]]
     logprobs: list[float]
@@ -267,7 +267,8 @@ def likeliest(model: GPT | Ensemble, prompt: list[int], end_token: int, count: i
     if len(prompt) + most > model.block_size:
         raise ValueError(f"a prompt of {len(prompt)} tokens and {most} new ones exceed block_size {model.block_size}.")
     device = next(model.parameters()).device
-    queue: list[tuple[float, int, tuple[int, ...], bool]] = [(-0.0, 0, (), False)]  # (-logprob, order, tokens, finished)
+    # (-logprob, order pushed, tokens, finished): heapq pops the most probable first
+    queue: list[tuple[float, int, tuple[int, ...], bool]] = [(-0.0, 0, (), False)]
     best: list[float] = []  # the log-probabilities of the ``count`` likeliest finished continuations so far
     pushed, expanded = 1, 0
     found = Likeliest([], [], False)
