@@ -4,6 +4,7 @@ each name's log-probability; checked against exact probabilities found by enumer
 
 import itertools
 import math
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -268,38 +269,88 @@ def test_predict_takes_the_options_and_draws_what_sample_draws(run, capsys):
     assert "--data.predict_only_new needs the names" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_serve_takes_the_options_and_draws_what_sample_draws(run):
+@pytest.fixture(scope="module")
+def server(run):
     server = Server(run["ckpt"], run["tmp"] / "serve.log", "--max_batch_size", "8", "--batch_timeout", "0.05")
     try:
         server.wait_ready()
-        url = server.url + "/predict"
-        gpt, tokenizer = load_model(run["ckpt"])
-        known = KnownNames.from_file(run["ckpt"])
-        mine = {"count": 8, "seed": 5, "min_length": 3, "max_length": 5, "only_new": True, "unique": True}
-        expected = draw(gpt, tokenizer, NameOptions(8, "", 0.5, min_length=3, max_length=5, only_new=True,
-                                                    unique=True), torch.Generator().manual_seed(5), known)
-        status, body = post(url, mine)
-        assert status == 200 and body["names"] == expected.names and body["kinds"] == ["new"] * 8
-        assert body["logprobs"] == pytest.approx(expected.logprobs, abs=1e-4)
-        others = [{"count": 5, "prefix": "a"}, {"count": 3, "max_length": 4, "seed": 1}, {"likeliest": 3}]
-        with ThreadPoolExecutor(8) as pool:  # the same request in the middle of a batch
-            answers = list(pool.map(lambda body: post(url, body), [*others, mine, *others]))
-        assert answers[len(others)] == (200, body)
-        status, body = post(url, {"likeliest": 4, "prefix": "a", "max_length": 4})
-        likeliest = draw(gpt, tokenizer, NameOptions(prefix="a", max_length=4, likeliest=4))
-        assert status == 200 and body["names"] == likeliest.names
-        assert body["kinds"] == [known.kind(name) or "new" for name in likeliest.names]
-        for bad, loc, words in [({"min_length": 5, "max_length": 3}, "min_length", "is above max_length 3"),
-                                ({"max_length": 8}, "max_length", "beyond the model's context"),
-                                ({"likeliest": 0}, "likeliest", "greater than or equal to 1"),
-                                ({"likeliest": 1001}, "likeliest", "less than or equal to 1000"),
-                                ({"prefix": "anna", "max_length": 2}, "max_length", "longer than max_length 2"),
-                                ({"only_new": 1}, "only_new", "boolean")]:
-            status, answer = post(url, bad)
-            assert status == 422 and answer["detail"][0]["loc"] == ["body", loc] and words in answer["detail"][0]["msg"]
-            assert post(url, {"count": 2})[0] == 200
+        yield server
     finally:
         server.stop()
+
+
+def test_serve_takes_the_options_and_draws_what_sample_draws(run, server):
+    url = server.url + "/predict"
+    gpt, tokenizer = load_model(run["ckpt"])
+    known = KnownNames.from_file(run["ckpt"])
+    mine = {"count": 8, "seed": 5, "min_length": 3, "max_length": 5, "only_new": True, "unique": True}
+    expected = draw(gpt, tokenizer, NameOptions(8, "", 0.5, min_length=3, max_length=5, only_new=True, unique=True),
+                    torch.Generator().manual_seed(5), known)
+    status, body = post(url, mine)
+    assert status == 200 and body["names"] == expected.names and body["kinds"] == ["new"] * 8
+    assert body["logprobs"] == pytest.approx(expected.logprobs, abs=1e-4)
+    others = [{"count": 5, "prefix": "a"}, {"count": 3, "max_length": 4, "seed": 1}, {"likeliest": 3}]
+    with ThreadPoolExecutor(8) as pool:  # the same request in the middle of a batch
+        answers = list(pool.map(lambda body: post(url, body), [*others, mine, *others]))
+    assert answers[len(others)] == (200, body)
+    status, body = post(url, {"likeliest": 4, "prefix": "a", "max_length": 4})
+    likeliest = draw(gpt, tokenizer, NameOptions(prefix="a", max_length=4, likeliest=4))
+    assert status == 200 and body["names"] == likeliest.names
+    assert body["kinds"] == [known.kind(name) or "new" for name in likeliest.names]
+    for bad, loc, words in [({"min_length": 5, "max_length": 3}, "min_length", "is above max_length 3"),
+                            ({"max_length": 8}, "max_length", "beyond the model's context"),
+                            ({"likeliest": 0}, "likeliest", "greater than or equal to 1"),
+                            ({"likeliest": 1001}, "likeliest", "less than or equal to 1000"),
+                            ({"prefix": "anna", "max_length": 2}, "max_length", "longer than max_length 2"),
+                            ({"only_new": 1}, "only_new", "boolean")]:
+        status, answer = post(url, bad)
+        assert status == 422 and answer["detail"][0]["loc"] == ["body", loc] and words in answer["detail"][0]["msg"]
+        assert post(url, {"count": 2})[0] == 200
+
+
+def test_the_page_offers_the_options_and_marks_each_name(run, server):
+    """Headless Chromium (skipped where it is not installed, as in test_serve.py): the page sends the options
+    and marks each name as the server's answer says, leaving the name's own text alone."""
+    chromium, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("headless Chromium is not installed here")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(options=options, service=Service(driver))
+    try:
+        browser.get(server.url + "/")
+        for field, value in (("count", "6"), ("seed", "5"), ("min_length", "3"), ("max_length", "5")):
+            browser.find_element(By.ID, field).clear()
+            browser.find_element(By.ID, field).send_keys(value)
+        browser.find_element(By.ID, "only_new").click()
+        browser.find_element(By.ID, "go").click()
+        items = lambda: browser.find_elements(By.CSS_SELECTOR, "#names li")
+        WebDriverWait(browser, 20).until(lambda b: items())
+        _, body = post(server.url + "/predict", {"count": 6, "seed": 5, "min_length": 3, "max_length": 5,
+                                                 "only_new": True, "temperature": 0.5})
+        assert [li.get_attribute("textContent") for li in items()] == body["names"]
+        assert [li.get_attribute("data-kind") for li in items()] == ["new"] * 6
+        # every name of 3 or 4 characters that starts with "ann" (fewer than asked for): "anna" among them
+        browser.find_element(By.ID, "only_new").click()
+        for field, value in (("prefix", "ann"), ("max_length", "4"), ("likeliest", "30")):
+            browser.find_element(By.ID, field).clear()
+            browser.find_element(By.ID, field).send_keys(value)
+        browser.find_element(By.ID, "go").click()
+        WebDriverWait(browser, 20).until(lambda b: "a probability above zero" in b.find_element(By.ID, "status").text)
+        _, body = post(server.url + "/predict", {"prefix": "ann", "likeliest": 30, "min_length": 3, "max_length": 4})
+        assert [li.get_attribute("textContent") for li in items()] == body["names"]
+        assert [li.get_attribute("data-kind") for li in items()] == body["kinds"]
+        assert len(body["names"]) == len(load_model(run["ckpt"])[1].chars) + 1
+        assert body["kinds"][body["names"].index("anna")] == KnownNames.from_file(run["ckpt"]).kind("anna")
+    finally:
+        browser.quit()
 
 
 def test_the_sampling_callback_takes_the_options(tiny_names, tmp_path, capsys):
