@@ -15,11 +15,11 @@ from helpers.serving import ROOT, Server, post
 from microgpt.checkpoints.loading import load_model
 from microgpt.commands.cli import main as cli_main
 from microgpt.commands.sample import main as sample_main
-from microgpt.commands.sample import names as draw
 from microgpt.data.datamodule import chunk_seed
 from microgpt.data.known import KnownNames
 from microgpt.model.gpt import GPT
 from microgpt.model.names import NameOptions
+from microgpt.model.names import invent as draw
 from microgpt.model.sampling import likeliest
 from microgpt.model.tokenizer import CharTokenizer
 

@@ -9,8 +9,7 @@ import lightning as L
 import torch
 
 from microgpt.errors import UserError
-from microgpt.commands.sample import names
-from microgpt.model.names import NameOptions, options_problem
+from microgpt.model.names import NameOptions, invent, options_problem
 from microgpt.model.sampling import sampling_problem
 
 
@@ -73,7 +72,7 @@ class SampleNames(L.Callback):
             raise UserError(problem[1])
 
     def sample(self, pl_module: L.LightningModule, generator: torch.Generator | None) -> list[str]:
-        found = names(pl_module.predictor, pl_module.tokenizer, self.options, generator, self.known)
+        found = invent(pl_module.predictor, pl_module.tokenizer, self.options, generator, self.known)
         if found.shortfall:
             print(f"samples: {found.shortfall}")
         return found.names

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 from microgpt.checkpoints.io import find_checkpoint
+from microgpt.checkpoints.loading import load_members, load_model
 from microgpt.commands.devices import device_problem
+from microgpt.data.known import KnownNames
 from microgpt.errors import UserError
 from microgpt.files import WriteFailed, atomic_write
-from microgpt.checkpoints.loading import load_members, load_model
 from microgpt.model.gpt import GPT, Ensemble
-from microgpt.data.known import KnownNames
-from microgpt.model.names import Known, NameOptions, Names, draw_names, options_problem
+from microgpt.model.names import NameOptions, Names, invent
 from microgpt.model.tokenizer import CharTokenizer
 
 
@@ -32,17 +32,8 @@ def sample_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, num_samples: int
                  top_p: float | None = None) -> list[str]:
     """``num_samples`` names starting with ``prefix``, drawn in parallel (``gpt`` in eval mode for the draw);
     ``top_p`` keeps only the smallest set of likeliest characters whose probability reaches it. For lengths,
-    new names, no repeats, the likeliest names and log-probabilities, see ``names``."""
-    return names(gpt, tokenizer, NameOptions(num_samples, prefix, temperature, top_k, top_p), generator).names
-
-
-def names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, options: NameOptions, generator: torch.Generator | None = None,
-          known: Known | None = None, flag: str = "") -> Names:
-    """The names ``options`` ask for (``microgpt.model.names``), with their log-probabilities; a bad setting is a
-    ``UserError`` naming it (with ``flag`` before it). ``known``: the names of the model's run, for only_new."""
-    if problem := options_problem(options, tokenizer, gpt.block_size, known, flag):
-        raise UserError(problem[1])
-    return draw_names(gpt, tokenizer, [(options, generator)], known)[0]
+    new names, no repeats, the likeliest names and log-probabilities, see ``microgpt.model.names.invent``."""
+    return invent(gpt, tokenizer, NameOptions(num_samples, prefix, temperature, top_k, top_p), generator).names
 
 
 @torch.no_grad()
@@ -75,7 +66,7 @@ def predict_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, request: dict) 
     options = NameOptions(request["count"], request["prefix"], request["temperature"], request["top_k"],
                           request["top_p"], *(request.get(k) for k in ("min_length", "max_length")),
                           bool(request.get("only_new")), bool(request.get("unique")), request.get("likeliest"))
-    found = names(gpt, tokenizer, options, generator, request.get("known"), "--data.predict_")
+    found = invent(gpt, tokenizer, options, generator, request.get("known"), "--data.predict_")
     if found.shortfall:
         print(f"microgpt predict: {found.shortfall}", file=sys.stderr, flush=True)
     return format_names(found, bool(request.get("show_logprob") or request.get("likeliest"))).splitlines()
@@ -176,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         options = NameOptions(args.num_samples, args.prefix, args.temperature, args.top_k, args.top_p,
                               args.min_length, args.max_length, args.only_new, args.unique, args.likeliest)
         generator = None if args.seed is None else torch.Generator(args.device).manual_seed(args.seed)
-        found = names(gpt, tokenizer, options, generator, known, flag="--")
+        found = invent(gpt, tokenizer, options, generator, known, flag="--")
         text = format_names(found, args.show_logprob or args.likeliest is not None)
         if args.output:
             write_output(Path(args.output), text)

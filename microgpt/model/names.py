@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 
+from microgpt.errors import UserError
 from microgpt.model.gpt import GPT, Ensemble
 from microgpt.model.sampling import MAX_EXPANDED, SampleRequest, generate, likeliest, sampling_problem
 from microgpt.model.tokenizer import CharTokenizer
@@ -143,6 +144,16 @@ def draw_names(model: GPT | Ensemble, tokenizer: CharTokenizer,
         return out
     finally:
         model.train(was_training)
+
+
+def invent(model: GPT | Ensemble, tokenizer: CharTokenizer, options: NameOptions,
+           generator: torch.Generator | None = None, known: Known | None = None, flag: str = "") -> Names:
+    """The names ``options`` ask for, with their log-probabilities: the Python API of ``sample``. A bad setting is
+    a ``UserError`` naming it (with ``flag`` before it); ``known``: the names of the model's run, for only_new
+    (``microgpt.data.known.KnownNames.from_file(checkpoint)``)."""
+    if problem := options_problem(options, tokenizer, model.block_size, known, flag):
+        raise UserError(problem[1])
+    return draw_names(model, tokenizer, [(options, generator)], known)[0]
 
 
 def refusal(tokenizer: CharTokenizer, prefix: str, known: Known):
