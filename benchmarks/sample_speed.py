@@ -1,5 +1,5 @@
 """Names per second: the seed-style loop (one name at a time, a full forward pass per token) against
-the batched, key/value-cached ``GPT.generate``, on the same checkpoint, in the same process.
+the batched, key/value-cached ``microgpt.model.sampling.generate``, on the same checkpoint, in the same process.
 
     python benchmarks/sample_speed.py --ckpt_path lightning_logs/version_0/checkpoints/last.ckpt
 """

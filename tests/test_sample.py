@@ -16,11 +16,17 @@ from microgpt.callbacks import SampleNames
 from microgpt.commands.cli import main
 from microgpt.data.datamodule import NamesDataModule
 from microgpt.model.gpt import GPT
+from microgpt.model.sampling import SampleRequest, generate
 from microgpt.training.module import MicroGPT
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "names.yaml")
 END = 9
+
+
+def draw(model, prompt, count, end_token, max_new_tokens=None, **settings):
+    """The continuations of one request, as ``sample`` draws them."""
+    return generate(model, [SampleRequest(prompt, count, **settings)], end_token, max_new_tokens)[0].tokens
 
 
 def noisy_model(block_size=8, seed=0):
@@ -50,8 +56,8 @@ def test_cached_generation_draws_the_same_tokens_as_the_seed_loop(prompt, max_ne
     model = noisy_model()
     for seed in range(20):
         expected = seed_style(model, prompt, max_new, 0.8, torch.Generator().manual_seed(seed))
-        got = model.generate(prompt, 1, END, max_new_tokens=max_new, temperature=0.8,
-                             generator=torch.Generator().manual_seed(seed))
+        got = draw(model, prompt, 1, END, max_new_tokens=max_new, temperature=0.8,
+                   generator=torch.Generator().manual_seed(seed))
         assert got == [expected]
 
 
@@ -68,26 +74,26 @@ def test_cache_gives_full_forward_probabilities_for_a_batch():
 
 def test_generation_is_reproducible_with_a_seed_and_names_stop_correctly():
     model = noisy_model()
-    draw = lambda seed: model.generate([END], 50, END, temperature=1.0, generator=torch.Generator().manual_seed(seed))
-    first = draw(1)
-    assert first == draw(1) and first != draw(2)
+    seeded = lambda seed: draw(model, [END], 50, END, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+    first = seeded(1)
+    assert first == seeded(1) and first != seeded(2)
     assert all(len(s) <= model.block_size and END not in s for s in first)
     assert any(len(s) < model.block_size for s in first)
-    capped = model.generate([END], 50, END, max_new_tokens=2, generator=torch.Generator().manual_seed(1))
+    capped = draw(model, [END], 50, END, max_new_tokens=2, generator=torch.Generator().manual_seed(1))
     assert all(len(s) <= 2 for s in capped) and any(len(s) == 2 for s in capped)
 
 
 def test_top_k_never_draws_outside_the_k_likeliest():
     model = noisy_model()
-    out = model.generate([END, 2], 200, END, max_new_tokens=6, temperature=2.0, top_k=3,
-                         generator=torch.Generator().manual_seed(0))
+    out = draw(model, [END, 2], 200, END, max_new_tokens=6, temperature=2.0, top_k=3,
+               generator=torch.Generator().manual_seed(0))
     for seq in out:
         context = [END, 2]
         for token in seq + ([END] if len(seq) < 6 else []):
             top = model(torch.tensor([context[-8:]]))[0, -1].topk(3).indices.tolist()
             assert token in top
             context.append(token)
-    greedy = model.generate([END], 3, END, top_k=1)
+    greedy = draw(model, [END], 3, END, top_k=1)
     assert greedy[0] == greedy[1] == greedy[2]
 
 

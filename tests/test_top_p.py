@@ -10,9 +10,9 @@ from microgpt.callbacks import SampleNames
 from microgpt.checkpoints.io import FORMAT, FORMAT_KEY
 from microgpt.data.datamodule import NamesDataModule
 from microgpt.errors import UserError
-from microgpt.model.gpt import GPT, keep_top_p
+from microgpt.model.gpt import GPT
 from microgpt.training.module import MicroGPT
-from microgpt.model.sampling import SampleRequest, generate_batch
+from microgpt.model.sampling import SampleRequest, generate, keep_top_p
 from microgpt.commands.sample import main as sample_main
 from microgpt.commands.sample import sample_names
 
@@ -27,6 +27,11 @@ def brute_force_nucleus(probs: list[float], p: float) -> set[int]:
         if math.fsum(probs[i] for i in best) >= p - 1e-12:
             return set(best)
     raise AssertionError("p above 1")
+
+
+def draw(model, prompt, count, end_token, max_new_tokens=None, **settings):
+    """The continuations of one request, as ``sample`` draws them."""
+    return generate(model, [SampleRequest(prompt, count, **settings)], end_token, max_new_tokens)[0].tokens
 
 
 def fixed_model(probs: list[float]) -> GPT:
@@ -52,8 +57,8 @@ def test_fixed_model_predicts_the_distribution():
 @pytest.mark.parametrize("p", CUTS)
 def test_generate_draws_exactly_the_smallest_set_that_reaches_p(p):
     expected = brute_force_nucleus(PROBS, p)
-    drawn = fixed_model(PROBS).generate([0], 4000, end_token=0, max_new_tokens=1, top_p=p,
-                                        generator=torch.Generator().manual_seed(0))
+    drawn = draw(fixed_model(PROBS), [0], 4000, end_token=0, max_new_tokens=1, top_p=p,
+                 generator=torch.Generator().manual_seed(0))
     # token 0 is the end token, so a draw of it comes back as an empty continuation
     assert {seq[0] if seq else 0 for seq in drawn} == expected  # every member is at least 5% of 4000 draws
 
@@ -75,7 +80,7 @@ def test_top_p_is_refused_outside_0_1():
     gpt = fixed_model(PROBS)
     for bad in (0, -0.1, 1.5):
         with pytest.raises(ValueError, match="top_p must be in"):
-            gpt.generate([0], 1, 0, top_p=bad)
+            draw(gpt, [0], 1, 0, top_p=bad)
         with pytest.raises(UserError, match="top_p must be in"):
             SampleNames(top_p=bad)
 
@@ -121,15 +126,14 @@ REQUESTS = [([END], 5, 0.8, None, None), ([END, 1, 2], 3, 1.5, 3, None), ([END, 
             ([END, 3], 7, 0.5, 2, 0.9), ([END, 5, 5, 5, 5, 5, 5], 2, 2.0, None, 0.5)]
 
 
-def test_a_batch_of_requests_draws_what_generate_draws_for_each_alone():
+def test_a_batch_of_requests_draws_what_each_draws_alone():
     model = noisy_model()
     requests = [SampleRequest(p, n, t, k, tp, torch.Generator().manual_seed(i)) for i, (p, n, t, k, tp)
                 in enumerate(REQUESTS)]
-    together = generate_batch(model, requests, END)
+    together = [drawn.tokens for drawn in generate(model, requests, END)]
     for i, ((prompt, n, t, k, tp), got) in enumerate(zip(REQUESTS, together)):
-        # GPT.generate reads the prompt in one pass; generate_batch steps through it position by position
-        alone = model.generate(prompt, n, END, temperature=t, top_k=k, top_p=tp,
-                               generator=torch.Generator().manual_seed(i))
+        # alone, a request reads its whole prompt in one pass; in the batch, only the part every prompt has
+        alone = draw(model, prompt, n, END, temperature=t, top_k=k, top_p=tp, generator=torch.Generator().manual_seed(i))
         assert got == alone
         assert all(len(s) <= model.block_size for s in got)
 
@@ -137,23 +141,23 @@ def test_a_batch_of_requests_draws_what_generate_draws_for_each_alone():
 def test_a_seeded_request_gets_the_same_tokens_whatever_else_is_in_the_batch():
     model = noisy_model(1)
     mine = lambda: SampleRequest([END, 2, 7], 6, 1.3, 4, 0.9, torch.Generator().manual_seed(42))
-    alone = generate_batch(model, [mine()], END)[0]
+    alone = generate(model, [mine()], END)[0].tokens
     others = [SampleRequest(p, n, t, k, tp) for p, n, t, k, tp in REQUESTS]  # unseeded: torch's global numbers
     for companions in (others[:1], others[2:], others[::-1] * 3):
         batch = [*companions[: len(companions) // 2], mine(), *companions[len(companions) // 2 :]]
-        assert generate_batch(model, batch, END)[len(companions) // 2] == alone
-    assert generate_batch(model, [mine(), SampleRequest([END], 1, 1.0, generator=torch.Generator().manual_seed(42))],
-                          END)[0] == alone
+        assert generate(model, batch, END)[len(companions) // 2].tokens == alone
+    assert generate(model, [mine(), SampleRequest([END], 1, 1.0, generator=torch.Generator().manual_seed(42))],
+                          END)[0].tokens == alone
 
 
 def test_each_row_keeps_its_own_nucleus_in_a_mixed_batch():
     gpt = fixed_model(PROBS)
     cuts = [0.1, 0.56, 0.9, 1.0, None]
     requests = [SampleRequest([0], 2000, 1.0, None, p, torch.Generator().manual_seed(i)) for i, p in enumerate(cuts)]
-    for p, drawn in zip(cuts, generate_batch(gpt, requests, end_token=0, max_new_tokens=1)):
-        assert {s[0] if s else 0 for s in drawn} == brute_force_nucleus(PROBS, p or 1.0)
-    top_k = generate_batch(gpt, [SampleRequest([0], 2000, 1.0, 2, 0.9), SampleRequest([0], 2000, 1.0, 4, 0.6)],
-                           end_token=0, max_new_tokens=1)
+    for p, drawn in zip(cuts, generate(gpt, requests, end_token=0, max_new_tokens=1)):
+        assert {s[0] if s else 0 for s in drawn.tokens} == brute_force_nucleus(PROBS, p or 1.0)
+    top_k = [drawn.tokens for drawn in generate(gpt, [SampleRequest([0], 2000, 1.0, 2, 0.9),
+                                                      SampleRequest([0], 2000, 1.0, 4, 0.6)], end_token=0, max_new_tokens=1)]
     likeliest = sorted(range(len(PROBS)), key=lambda i: -PROBS[i])
     assert {s[0] for s in top_k[0]} == set(likeliest[:2])  # top-k first, then the nucleus of what is left
     renormalized = [PROBS[i] if i in likeliest[:4] else 0.0 for i in range(len(PROBS))]

@@ -9,7 +9,8 @@ import lightning as L
 import torch
 
 from microgpt.errors import UserError
-from microgpt.model.gpt import sampling_problem
+from microgpt.model.names import NameOptions, invent, options_problem
+from microgpt.model.sampling import sampling_problem
 from microgpt.training.steps import ends_optimizer_step
 
 
@@ -36,10 +37,16 @@ class SampleNames(L.Callback):
             (seeded with seed + step), so watching never changes the training.
         top_p: Draw only among the fewest likeliest characters whose probability reaches this, in (0, 1];
             all when unset.
+        min_length: Names have at least this many characters, the prefix included.
+        max_length: Names have at most this many characters, the prefix included.
+        unique: No name twice in a round.
+        only_new: Only names that are neither training nor held-out names (of the data module's split).
     """
 
     def __init__(self, num_samples: int = 20, temperature: float = 0.5, top_k: int | None = None, prefix: str = "",
-                 every_n_steps: int = 0, seed: int | None = None, top_p: float | None = None):
+                 every_n_steps: int = 0, seed: int | None = None, top_p: float | None = None,
+                 min_length: int | None = None, max_length: int | None = None, unique: bool = False,
+                 only_new: bool = False):
         if num_samples < 1:
             raise UserError(f"num_samples must be a positive integer, got {num_samples}.")
         if problem := sampling_problem(temperature, top_k, top_p):
@@ -53,9 +60,22 @@ class SampleNames(L.Callback):
         self.prefix = prefix
         self.every_n_steps = every_n_steps
         self.seed = seed
+        self.options = NameOptions(num_samples, prefix, temperature, top_k, top_p, min_length, max_length, only_new,
+                                   unique)
+        self.known = None  # the data's names, for only_new (set up with the trainer)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check the settings against the model (its vocabulary and context) before training, not after it."""
+        if self.options.only_new:
+            self.known = getattr(trainer.datamodule, "known", None)
+        if problem := options_problem(self.options, pl_module.tokenizer, pl_module.gpt.block_size, self.known, ""):
+            raise UserError(problem[1])
 
     def sample(self, pl_module: L.LightningModule, generator: torch.Generator | None) -> list[str]:
-        return pl_module.sample(self.num_samples, self.temperature, self.top_k, self.prefix, generator, top_p=self.top_p)
+        found = invent(pl_module.predictor, pl_module.tokenizer, self.options, generator, self.known)
+        if found.shortfall:
+            print(f"samples: {found.shortfall}")
+        return found.names
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -85,11 +105,12 @@ class SampleNames(L.Callback):
 
 
 def report_novelty(trainer: L.Trainer, names: list[str], what: str) -> dict[str, float] | None:
-    """Print which shares of ``names`` are training names, held-out names or new, and return them
-    (None when the data module does not know its names)."""
+    """Print which shares of ``names`` (or of lines ``name<TAB>log-probability``) are training names, held-out
+    names or new, and return them (None when the data module does not know its names)."""
     datamodule = trainer.datamodule
     if datamodule is None or not hasattr(datamodule, "known_names"):
         return None
+    names = [name.split("\t")[0] for name in names]  # lines of name<TAB>log-probability count as their names
     shares = novelty(names, *datamodule.known_names(names))
     print(f"{what}: {shares['new']:.0%} new, {shares['train']:.0%} training names, "
           f"{shares['held_out']:.0%} held-out names")

@@ -1,7 +1,8 @@
 """Inventing names, and the ``sample`` command that does it from a checkpoint alone, with torch only.
 
 ``python -m microgpt sample --ckpt_path K [K ...] [--num_samples N] [--temperature T] [--top_k K] [--top_p P]
-[--prefix P] [--seed S] [--output FILE]``. The checkpoint alone is enough: the vocabulary and sizes are inside it.
+[--prefix P] [--min_length A] [--max_length B] [--only_new] [--unique] [--likeliest N] [--show_logprob] [--seed S]
+[--output FILE]``. The checkpoint alone is enough: the vocabulary and sizes are inside it.
 Several checkpoints sample from the average of their predicted probabilities. Nothing here imports
 Lightning, so the command starts about as fast as torch itself.
 """
@@ -15,11 +16,13 @@ from pathlib import Path
 import torch
 
 from microgpt.checkpoints.io import resolve_checkpoint
+from microgpt.checkpoints.loading import load_members, load_model
 from microgpt.commands.devices import device_problem
+from microgpt.data.known import KnownNames
 from microgpt.errors import OneLineParser, UserError, exit_on_user_error
 from microgpt.files import WriteFailed, atomic_write
-from microgpt.checkpoints.loading import load_members, load_model
-from microgpt.model.gpt import GPT, Ensemble, sampling_problem
+from microgpt.model.gpt import GPT, Ensemble
+from microgpt.model.names import NameOptions, Names, invent
 from microgpt.model.tokenizer import CharTokenizer
 
 
@@ -27,20 +30,9 @@ def sample_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, num_samples: int
                  top_k: int | None = None, prefix: str = "", generator: torch.Generator | None = None,
                  top_p: float | None = None) -> list[str]:
     """``num_samples`` names starting with ``prefix``, drawn in parallel (``gpt`` in eval mode for the draw);
-    ``top_p`` keeps only the smallest set of likeliest characters whose probability reaches it."""
-    if problem := sampling_problem(temperature, top_k, top_p):
-        raise UserError(problem)
-    unknown = tokenizer.unknown(prefix)
-    if unknown:
-        raise UserError(f"the prefix {prefix!r} has characters the model has never seen: {''.join(unknown)!r}.")
-    was_training = gpt.training
-    gpt.eval()
-    try:
-        ids = gpt.generate([tokenizer.bos, *tokenizer.encode(prefix)], num_samples, tokenizer.bos,
-                           temperature=temperature, top_k=top_k, generator=generator, top_p=top_p)
-    finally:
-        gpt.train(was_training)
-    return [prefix + tokenizer.decode(s) for s in ids]
+    ``top_p`` keeps only the smallest set of likeliest characters whose probability reaches it. For lengths,
+    new names, no repeats, the likeliest names and log-probabilities, see ``microgpt.model.names.invent``."""
+    return invent(gpt, tokenizer, NameOptions(num_samples, prefix, temperature, top_k, top_p), generator).names
 
 
 @torch.no_grad()
@@ -61,6 +53,29 @@ def score_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, names: list[str])
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
     real = torch.arange(width - 1, device=device) < lengths[:, None]
     return ((nll * real).sum(1) / lengths).tolist()
+
+
+def predict_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, request: dict) -> list[str]:
+    """The lines ``predict`` writes for one request of ``NamesDataModule.predict_dataloader`` (settings checked
+    there): names, or ``name<TAB>log-probability`` with ``show_logprob`` or ``likeliest``. When fewer names than
+    asked for turn up, it says so on stderr and keeps those it found."""
+    if request["count"] == 0:
+        return []
+    generator = torch.Generator(next(gpt.parameters()).device).manual_seed(request["seed"])
+    options = NameOptions(request["count"], request["prefix"], request["temperature"], request["top_k"],
+                          request["top_p"], *(request.get(k) for k in ("min_length", "max_length")),
+                          bool(request.get("only_new")), bool(request.get("unique")), request.get("likeliest"))
+    found = invent(gpt, tokenizer, options, generator, request.get("known"), "--data.predict_")
+    if found.shortfall:
+        print(f"microgpt predict: {found.shortfall}", file=sys.stderr, flush=True)
+    return format_names(found, bool(request.get("show_logprob") or request.get("likeliest"))).splitlines()
+
+
+def format_names(found: Names, logprobs: bool) -> str:
+    """One name a line, as ``name<TAB>log-probability`` (4 decimals) with ``logprobs``."""
+    if logprobs:
+        return "".join(f"{name}\t{logprob:.4f}\n" for name, logprob in zip(found.names, found.logprobs))
+    return "".join(f"{name}\n" for name in found.names)
 
 
 def resolve(path: str, root: str, prog: str = "microgpt sample") -> str:
@@ -117,6 +132,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top_p", type=probability, default=None,
                         help="draw only among the fewest likeliest characters whose probability reaches p (0 < p <= 1)")
     parser.add_argument("--prefix", default="", help="every name starts with these characters")
+    parser.add_argument("--min_length", type=positive_int, default=None,
+                        help="names have at least this many characters, the prefix included")
+    parser.add_argument("--max_length", type=positive_int, default=None,
+                        help="names have at most this many characters, the prefix included")
+    parser.add_argument("--only_new", action="store_true",
+                        help="only names that are neither training nor held-out names of the checkpoint's run")
+    parser.add_argument("--unique", action="store_true", help="no name twice")
+    parser.add_argument("--likeliest", type=positive_int, default=None, metavar="N",
+                        help="print the N most probable names instead of drawing (by the model's own probabilities), "
+                             "as name<TAB>log-probability, most probable first")
+    parser.add_argument("--show_logprob", action="store_true",
+                        help="print each name as name<TAB>log-probability (natural log, given the prefix)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible names")
     parser.add_argument("--output", default=None, help="write the names to this file instead of printing them")
     parser.add_argument("--device", default="cpu",
@@ -130,11 +157,15 @@ def main(argv: list[str] | None = None) -> None:
         gpt, tokenizer = load_model(paths[0], args.device)
         if len(paths) > 1:
             gpt = Ensemble([gpt, *load_members(paths[1:], tokenizer, gpt.block_size, args.device)])
+        known = KnownNames.from_file(paths[0]) if args.only_new else None
+        options = NameOptions(args.num_samples, args.prefix, args.temperature, args.top_k, args.top_p,
+                              args.min_length, args.max_length, args.only_new, args.unique, args.likeliest)
         generator = None if args.seed is None else torch.Generator(args.device).manual_seed(args.seed)
-        names = sample_names(gpt, tokenizer, args.num_samples, args.temperature, args.top_k, args.prefix, generator,
-                             args.top_p)
-        text = "".join(f"{name}\n" for name in names)
+        found = invent(gpt, tokenizer, options, generator, known, flag="--")
+        text = format_names(found, args.show_logprob or args.likeliest is not None)
         if args.output:
             write_output(Path(args.output), text)
         else:
             sys.stdout.write(text)
+        if found.shortfall:
+            raise UserError(found.shortfall)

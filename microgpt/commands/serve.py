@@ -3,9 +3,10 @@
 ``microgpt serve --ckpt_path best|last|FILE [--root_dir D] [--host H] [--port P] [--device D]
 [--max_batch_size N] [--batch_timeout S] [--api_key KEY]`` (the serve extra: ``pip install -e '.[serve]'`` in a checkout).
 
-* ``POST /predict`` ``{"count", "prefix", "temperature", "top_k", "top_p", "seed"}`` (all optional) answers
-  ``{"names": [...]}``. Requests that arrive together are drawn in one batch of rows, each with its own settings
-  and, when seeded, its own random numbers (``microgpt.model.sampling``).
+* ``POST /predict`` ``{"count", "prefix", "temperature", "top_k", "top_p", "seed", "min_length", "max_length",
+  "only_new", "unique", "likeliest"}`` (all optional) answers ``{"names": [...], "logprobs": [...], "kinds": [...]}``.
+  Requests that arrive together are drawn in one batch of rows, each with its own settings and, when seeded, its
+  own random numbers (``microgpt.model.names``, ``microgpt.model.sampling``).
 * ``POST /score`` ``{"names": [...]}`` answers ``{"nll": [...]}``: each name's mean negative log-likelihood per
   character, its end included, as ``test`` scores it.
 * ``GET /`` the page (``page.html``); ``GET /health`` answers ``ok`` once the model is loaded.
@@ -37,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from microgpt.errors import OneLineParser, UserError, exit_on_user_error
 from microgpt.checkpoints.loading import load_model
-from microgpt.model.sampling import SampleRequest, generate_batch
+from microgpt.data.known import KnownNames
+from microgpt.model.names import LIKELIEST_MAX, NameOptions, Names, draw_names, options_problem
 from microgpt.commands.sample import positive_int, resolve, score_names
 
 MAX_COUNT = 1000  # names per /predict request
@@ -74,6 +76,12 @@ class PredictBody(JSONBody):
     top_p: float | None = Field(None, gt=0, le=1, description="draw only among the fewest likeliest characters "
                                                                 "whose probability reaches p")
     seed: int | None = Field(None, ge=0, lt=2**63, description="the same seed gives the same names")
+    min_length: int | None = Field(None, ge=1, description="names have at least this many characters, prefix included")
+    max_length: int | None = Field(None, ge=1, description="names have at most this many characters, prefix included")
+    only_new: bool = Field(False, description="only names that are neither training nor held-out names of the run")
+    unique: bool = Field(False, description="no name twice")
+    likeliest: int | None = Field(None, ge=1, le=LIKELIEST_MAX,
+                                  description="this many of the most probable names instead of drawn ones")
 
 
 class ScoreBody(JSONBody):
@@ -110,8 +118,8 @@ async def validation_error(request: Request, exc: RequestValidationError) -> Res
 class Draw:
     """A decoded ``/predict`` request."""
 
-    prefix: str
-    request: SampleRequest
+    options: NameOptions
+    generator: torch.Generator | None
 
 
 class CheckpointAPI(ls.LitAPI):
@@ -173,23 +181,35 @@ class PredictAPI(CheckpointAPI):
         if len(request.prefix) > room:
             return Invalid(("prefix",), f"the prefix is {len(request.prefix)} characters long; this model's context "
                                         f"holds {room} after the start token (block_size {self.gpt.block_size}).")
+        options = NameOptions(request.count, request.prefix, request.temperature, request.top_k, request.top_p,
+                              request.min_length, request.max_length, request.only_new, request.unique,
+                              request.likeliest)
+        if problem := options_problem(options, self.tokenizer, self.gpt.block_size, self.known, flag=""):
+            return Invalid((problem[0],), problem[1])
         generator = None
         if request.seed is not None:
             generator = torch.Generator(self.gpt.lm_head.weight.device).manual_seed(request.seed)
-        prompt = [self.tokenizer.bos, *self.tokenizer.encode(request.prefix)]
-        return Draw(request.prefix, SampleRequest(prompt, request.count, request.temperature, request.top_k,
-                                                  request.top_p, generator))
+        return Draw(options, generator)
+
+    def setup(self, device: str) -> None:
+        super().setup(device)
+        self.known = KnownNames.from_file(self.ckpt_path)  # None for a checkpoint written without its run's names
 
     def predict(self, batch):
         decoded, batched = rows(batch)
         draws = [d for d in decoded if isinstance(d, Draw)]
-        drawn = iter(generate_batch(self.gpt, [d.request for d in draws], self.tokenizer.bos))
-        out = [d if isinstance(d, Invalid) else [d.prefix + self.tokenizer.decode(s) for s in next(drawn)]
-               for d in decoded]
+        drawn = iter(draw_names(self.gpt, self.tokenizer, [(d.options, d.generator) for d in draws], self.known))
+        out = [d if isinstance(d, Invalid) else next(drawn) for d in decoded]
         return out if batched else out[0]
 
-    def encode_response(self, output: list[str] | Invalid):
-        return output.response() if isinstance(output, Invalid) else {"names": output}
+    def encode_response(self, output: Names | Invalid):
+        """``{"names", "logprobs", "kinds"}``: each name's "new", "training" or "held-out" (null for a checkpoint
+        without its run's names), and a "message" when fewer names than asked for turned up."""
+        if isinstance(output, Invalid):
+            return output.response()
+        kinds = [self.known.kind(name) or "new" for name in output.names] if self.known is not None else None
+        body = {"names": output.names, "logprobs": output.logprobs, "kinds": kinds}
+        return body if output.shortfall is None else {**body, "message": output.shortfall}
 
 
 class ScoreAPI(CheckpointAPI):

@@ -18,8 +18,10 @@ import torch
 
 from microgpt.data.batches import EvalBatches, TrainBatches
 from microgpt.errors import UserError
+from microgpt.data.known import STATE_KEY, KnownNames
 from microgpt.data.split import NamesSplit
 from microgpt.data.store import default_cache_dir
+from microgpt.model.names import NameOptions, options_problem
 from microgpt.model.tokenizer import CharTokenizer
 
 # makemore's names.txt (32,033 names, MIT licence; see NOTICE), shipped inside the package
@@ -28,11 +30,14 @@ BUNDLED_NAMES = Path(str(files("microgpt.data") / "names.txt"))
 
 class PredictRequests:
     """Sampling requests for ``predict``: this process's share of ``total`` names, in chunks of at most
-    ``chunk``, each with a seed of its own drawn from ``seed``, the process's rank and the chunk's number.
+    ``chunk``, each with a seed of its own drawn from ``seed``, the process's rank and the chunk's number (with
+    ``unique`` or ``likeliest``, one request of all of them, on rank 0).
     Every process gets at least one request (of 0 names, when there are more processes than names), so that
     all of them reach the end of prediction, where the names are gathered."""
 
     def __init__(self, total: int, chunk: int, request: dict, seed: int, rank: int = 0, world_size: int = 1):
+        if request.get("unique") or request.get("likeliest"):  # one request, so that no name comes twice
+            total, chunk, world_size = total * (rank == 0), max(total, 1), 1
         share = total // world_size + (rank < total % world_size)
         counts = [min(chunk, share - i) for i in range(0, share, chunk)] or [0]
         self.requests = [{**request, "count": n, "seed": chunk_seed(seed, rank, i)} for i, n in enumerate(counts)]
@@ -68,6 +73,14 @@ class NamesDataModule(L.LightningDataModule):
         predict_top_k: Predict draws only among the k most likely characters; all when unset.
         predict_top_p: Predict draws only among the fewest likeliest characters whose probability reaches
             this, in (0, 1]; all when unset.
+        predict_min_length: Names invented by predict have at least this many characters, the prefix included.
+        predict_max_length: Names invented by predict have at most this many characters, the prefix included.
+        predict_only_new: Predict invents only names that are neither training nor held-out names of the run
+            that made the checkpoint.
+        predict_unique: Predict invents no name twice.
+        predict_likeliest: Predict writes this many of the most probable names instead of drawn ones, with
+            their log-probabilities.
+        predict_show_logprob: Predict writes each name as name<TAB>log-probability (natural log, given the prefix).
         seed: Seed of the one-time shuffle that fixes the split and the training order.
         eval_batch_size: Names per batch when scoring held-out names.
         static_shapes: Give every training batch one shape, so that a compiled training step compiles once:
@@ -91,6 +104,12 @@ class NamesDataModule(L.LightningDataModule):
         predict_temperature: float = 0.5,
         predict_top_k: int | None = None,
         predict_top_p: float | None = None,
+        predict_min_length: int | None = None,
+        predict_max_length: int | None = None,
+        predict_only_new: bool = False,
+        predict_unique: bool = False,
+        predict_likeliest: int | None = None,
+        predict_show_logprob: bool = False,
         seed: int = 42,
         eval_batch_size: int = 500,
         static_shapes: bool = False,
@@ -112,8 +131,13 @@ class NamesDataModule(L.LightningDataModule):
         self.shuffle = shuffle
         self.pack = pack
         self.predict_request = {"prefix": predict_prefix, "temperature": predict_temperature, "top_k": predict_top_k,
-                                "top_p": predict_top_p}
-        self.predict_size = predict_size
+                                "top_p": predict_top_p, "min_length": predict_min_length,
+                                "max_length": predict_max_length, "only_new": predict_only_new,
+                                "unique": predict_unique, "likeliest": predict_likeliest,
+                                "show_logprob": predict_show_logprob}
+        self.predict_size = predict_likeliest or predict_size
+        self.loaded_known: KnownNames | None = None  # the names stored in the checkpoint predict loads
+        self._known: KnownNames | None = None
         self.seed = seed
         self.eval_batch_size = eval_batch_size
         self.static_shapes = static_shapes
@@ -180,10 +204,39 @@ class NamesDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> PredictRequests:
         """Sampling requests: this process's share of ``predict_size`` names, in chunks of ``eval_batch_size``,
-        drawn with seeds that follow from torch's seed (``--seed_everything``), the rank and the chunk."""
+        drawn with seeds that follow from torch's seed (``--seed_everything``), the rank and the chunk. The
+        settings are checked here, against the model, and with only_new the requests carry the names of the
+        checkpoint's run (this run's, without a checkpoint)."""
+        request = dict(self.predict_request)
+        model = self.trainer.lightning_module if self.trainer else None
+        known = None
+        if request["only_new"]:
+            from_checkpoint = self.trainer is not None and self.trainer.ckpt_path is not None
+            known = self.loaded_known if from_checkpoint else self.known
+            request["known"] = known
+        if model is not None:
+            options = NameOptions(1, *(request[k] for k in ("prefix", "temperature", "top_k", "top_p", "min_length",
+                                                             "max_length", "only_new", "unique", "likeliest")))
+            if problem := options_problem(options, model.tokenizer, model.gpt.block_size, known, "--data.predict_"):
+                raise UserError(problem[1])
         seed = torch.initial_seed() if self.predict_seed is None else self.predict_seed
-        return PredictRequests(self.predict_size, self.eval_batch_size, self.predict_request, seed, self.rank,
-                               self.world_size)
+        return PredictRequests(self.predict_size, self.eval_batch_size, request, seed, self.rank, self.world_size)
+
+    @property
+    def known(self) -> KnownNames:
+        """The training and held-out names of this split, as hashes (``microgpt.data.known``)."""
+        if self._known is None:
+            self._known = KnownNames.of_split(self.split)
+        return self._known
+
+    def state_dict(self) -> dict:
+        """What every checkpoint keeps of the data: the hashes of the training and held-out names, so that the
+        checkpoint alone can tell new names from known ones."""
+        return {STATE_KEY: self.known.state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Keep the names a loaded checkpoint carries, for predict's only_new."""
+        self.loaded_known = KnownNames.from_state(state_dict.get(STATE_KEY))
 
     def test_dataloader(self) -> EvalBatches:
         return EvalBatches(self.test_rows, self.eval_batch_size, self.rank, self.world_size)

@@ -52,17 +52,6 @@ def size_problem(flag: str = "", **sizes: float) -> str | None:
     return None
 
 
-def sampling_problem(temperature: float, top_k: int | None = None, top_p: float | None = None) -> str | None:
-    """What is wrong with the settings of a draw, in one sentence naming the setting; None if nothing."""
-    if not temperature > 0:
-        return f"temperature must be positive, got {temperature}."
-    if top_k is not None and top_k < 1:
-        return f"top_k must be a positive integer, got {top_k}."
-    if top_p is not None and not 0 < top_p <= 1:
-        return f"top_p must be in (0, 1], got {top_p}."
-    return None
-
-
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each position sees itself and the positions before it."""
 
@@ -205,75 +194,11 @@ class GPT(nn.Module):
         like = self.wte.weight
         return [KVCache(like.new_empty(shape), like.new_empty(shape)) for _ in self.blocks]
 
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt: list[int],
-        num_samples: int,
-        end_token: int,
-        max_new_tokens: int | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-        top_p: float | None = None,
-    ) -> list[list[int]]:
-        """Continue ``prompt`` (token ids, normally starting with the end/start token) ``num_samples`` times in parallel.
-
-        Each step draws one token for every sequence with ``torch.multinomial`` from the softmax of the
-        logits divided by ``temperature``, keeping only the ``top_k`` most likely tokens when given, then
-        only the smallest set of likeliest tokens whose probability reaches ``top_p`` (nucleus sampling). A
-        sequence ends at ``end_token`` or after ``max_new_tokens`` (default ``block_size``) new tokens;
-        drawing stops once all have ended. Keys and values are cached, so each step costs one position;
-        once a sequence outgrows the context, each step re-reads the last ``block_size`` tokens, as
-        the model was trained. Returns the new tokens of each sequence, without ``end_token``.
-        """
-        if problem := sampling_problem(temperature, top_k, top_p):
-            raise ValueError(problem)
-        max_new_tokens = self.block_size if max_new_tokens is None else max_new_tokens
-        device = next(self.parameters()).device
-        idx = torch.tensor([prompt], device=device).expand(num_samples, -1)
-        caches = self.new_caches(num_samples)
-        context = idx[:, -self.block_size :]
-        logits = self(context, caches)[:, -1]
-        new = []
-        ended = torch.zeros(num_samples, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            logits = logits / temperature
-            if top_k is not None and top_k < logits.size(-1):
-                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if top_p is not None and top_p < 1:
-                logits = keep_top_p(logits, top_p)
-            token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            new.append(token)
-            ended |= token[:, 0] == end_token
-            if bool(ended.all()) or step == max_new_tokens - 1:
-                break
-            context = torch.cat([context, token], dim=1)
-            if context.size(1) <= self.block_size:  # the cache has room: feed the new position only
-                logits = self(token, caches, start=context.size(1) - 1)[:, -1]
-            else:  # the window slides and every position shifts: re-read it whole
-                context = context[:, -self.block_size :]
-                logits = self(context)[:, -1]
-        out = torch.cat(new, dim=1).tolist()
-        return [seq[: seq.index(end_token)] if end_token in seq else seq for seq in out]
-
-
-def keep_top_p(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
-    """``logits`` (..., V) with -inf outside each row's nucleus: the smallest set of likeliest tokens whose
-    probability reaches ``top_p`` (a number, or one per row shaped (..., 1)). The likeliest token always stays."""
-    ranked, order = logits.sort(dim=-1, descending=True)
-    probs = F.softmax(ranked, dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # the probability of the tokens ranked above each one
-    drop = before >= top_p  # p was already reached without this token
-    drop[..., 0] = False
-    return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-
 
 class Ensemble(nn.Module):
     """Several GPTs with the same vocabulary and context length, predicting the average of their
     next-character probabilities. Its logits are the log of that average, so softmax, cross-entropy
-    and ``generate`` treat it as one model.
+    and ``microgpt.model.sampling`` treat it as one model.
 
     Args:
         members: The GPTs to average, each given the same weight.
@@ -300,5 +225,3 @@ class Ensemble(nn.Module):
     def new_caches(self, batch_size: int) -> list[list[KVCache]]:
         """Empty key/value caches for ``batch_size`` sequences, one list per member."""
         return [m.new_caches(batch_size) for m in self.members]
-
-    generate = GPT.generate  # the same sampling loop: it needs only forward, new_caches and block_size

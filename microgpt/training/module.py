@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 
 from microgpt.checkpoints.io import FORMAT, FORMAT_KEY
 from microgpt.checkpoints.loading import load_members
-from microgpt.commands.sample import sample_names
+from microgpt.commands.sample import predict_names, sample_names
 from microgpt.data.batches import Batch
 from microgpt.data.rows import IGNORE_INDEX
 from microgpt.errors import UserError
@@ -116,9 +116,7 @@ class MicroGPT(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
         """A batch is a sampling request from the data module: how many names, how to draw them, and a seed."""
-        generator = torch.Generator(self.device).manual_seed(batch["seed"])
-        return self.sample(batch["count"], batch["temperature"], batch["top_k"], batch["prefix"], generator,
-                           top_p=batch["top_p"]) if batch["count"] else []
+        return predict_names(self.predictor, self.tokenizer, batch)
 
     def setup(self, stage: str) -> None:
         check_trainer(self.trainer, stage)

@@ -1,4 +1,4 @@
-"""Names drawn by hand from a checkpoint's weights, apart from microgpt's own sampling code (``GPT.generate``,
+"""Names drawn by hand from a checkpoint's weights, apart from microgpt's own sampling code (``generate``,
 ``sample_names``): the reference for the tests of the commands that sample."""
 
 from pathlib import Path

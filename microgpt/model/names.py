@@ -1,0 +1,183 @@
+"""Names from a model with the options people draw them with: a length range, only new names, no repeats, the
+likeliest names, and each name's log-probability. The settings are checked here, once, for ``sample``,
+``predict``, the sampling callback, ``serve`` and the Python API, and every draw goes through
+``microgpt.model.sampling``. Torch only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from microgpt.errors import UserError
+from microgpt.model.gpt import GPT, Ensemble
+from microgpt.model.sampling import MAX_EXPANDED, SampleRequest, generate, likeliest, sampling_problem
+from microgpt.model.tokenizer import CharTokenizer
+
+LIKELIEST_MAX = 1000  # names one --likeliest search returns at most
+
+
+class Known(Protocol):
+    """The names of the run that made a checkpoint (``microgpt.data.known.KnownNames``)."""
+
+    def kind(self, name: str) -> str | None:
+        """``"training"``, ``"held-out"``, or None for a new name."""
+
+
+@dataclass
+class NameOptions:
+    """How to draw names.
+
+    Args:
+        count: How many names.
+        prefix: Every name starts with these characters.
+        temperature: Softmax temperature, positive.
+        top_k: Draw only among the k likeliest characters; all when unset.
+        top_p: Draw only among the fewest likeliest characters whose probability reaches this; all when unset.
+        min_length: Names have at least this many characters, the prefix included.
+        max_length: Names have at most this many characters, the prefix included.
+        only_new: Only names that are neither training nor held-out names of the run that made the model.
+        unique: No name twice.
+        likeliest: This many of the most probable names instead of drawn ones, most probable first (by the
+            model's own probabilities: temperature, top_k and top_p play no part).
+    """
+
+    count: int = 20
+    prefix: str = ""
+    temperature: float = 0.5
+    top_k: int | None = None
+    top_p: float | None = None
+    min_length: int | None = None
+    max_length: int | None = None
+    only_new: bool = False
+    unique: bool = False
+    likeliest: int | None = None
+
+    def lengths(self, block_size: int) -> tuple[int, int] | None:
+        """The range of new characters after the prefix, or None when every draw is taken (no length setting)."""
+        if self.min_length is None and self.max_length is None and self.likeliest is None:
+            return None
+        most = block_size - 1 if self.max_length is None else self.max_length
+        return max((self.min_length or 0) - len(self.prefix), 0), most - len(self.prefix)
+
+
+def options_problem(options: NameOptions, tokenizer: CharTokenizer, block_size: int, known: Known | None,
+                    flag: str = "--") -> tuple[str, str] | None:
+    """What is wrong with ``options`` for a model of context ``block_size``, as (the setting, one sentence naming
+    it with ``flag`` before it); None if nothing. ``known``: the names of the model's run, when it has them."""
+    o = options
+    if o.count < 1:
+        return "count", f"{flag}count must be a positive integer, got {o.count}."
+    if problem := sampling_problem(o.temperature, o.top_k, o.top_p):
+        return problem.split()[0], flag + problem
+    if unknown := tokenizer.unknown(o.prefix):
+        return "prefix", f"the prefix {o.prefix!r} has characters the model has never seen: {''.join(unknown)!r}."
+    room = block_size - 1  # a name's end is predicted after the start token and the name: both within the context
+    for name in ("min_length", "max_length", "likeliest"):
+        value = getattr(o, name)
+        if value is not None and value < 1:
+            return name, f"{flag}{name} must be a positive integer, got {value}."
+    for name in ("min_length", "max_length"):
+        value = getattr(o, name)
+        if value is not None and value > room:
+            return name, (f"{flag}{name} {value} is beyond the model's context: it can end names of at most {room} "
+                          f"characters (block_size {block_size}).")
+    if o.min_length is not None and o.max_length is not None and o.min_length > o.max_length:
+        return "min_length", f"{flag}min_length {o.min_length} is above {flag}max_length {o.max_length}."
+    if o.likeliest is not None and o.likeliest > LIKELIEST_MAX:
+        return "likeliest", f"{flag}likeliest is at most {LIKELIEST_MAX}, got {o.likeliest}."
+    lengths = o.lengths(block_size)
+    if lengths is not None and lengths[1] < 0:
+        if o.max_length is not None:
+            return "max_length", f"the prefix {o.prefix!r} is longer than {flag}max_length {o.max_length}."
+        return "prefix", (f"the prefix {o.prefix!r} is longer than the names the model can end ({room} characters, "
+                          f"block_size {block_size}).")
+    if o.only_new and known is None:
+        return "only_new", (f"{flag}only_new needs the names of the run that made the checkpoint, and this "
+                            "checkpoint does not carry them (it was written before microgpt stored them).")
+    return None
+
+
+@dataclass
+class Names:
+    """Names with the natural log of each one's probability given the prefix (its end included, by the model's
+    own probabilities), and a sentence when fewer than asked for were found."""
+
+    names: list[str]
+    logprobs: list[float]
+    shortfall: str | None = None
+
+
+def draw_names(model: GPT | Ensemble, tokenizer: CharTokenizer,
+               jobs: list[tuple[NameOptions, torch.Generator | None]], known: Known | None = None) -> list[Names]:
+    """The names of every ``(options, generator)`` job, the draws of all of them in one batch of rows
+    (``microgpt.model.sampling.generate``), each with its own random numbers: a seeded job gets the same names
+    alone or among others. The options must have passed ``options_problem``. ``model`` is in eval mode for the draw.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out: list[Names | None] = [None] * len(jobs)
+        requests, drawn_jobs = [], []
+        for i, (o, generator) in enumerate(jobs):
+            refuse = refusal(tokenizer, o.prefix, known) if o.only_new else None
+            prompt = [tokenizer.bos, *tokenizer.encode(o.prefix)]
+            lengths = o.lengths(model.block_size)
+            if o.likeliest is not None:
+                found = likeliest(model, prompt, tokenizer.bos, o.likeliest, lengths, refuse)
+                out[i] = Names([o.prefix + tokenizer.decode(t) for t in found.tokens], found.logprobs,
+                               likeliest_shortfall(o, len(found.tokens), found.exhausted))
+                continue
+            requests.append(SampleRequest(prompt, o.count, o.temperature, o.top_k, o.top_p, generator, lengths,
+                                          o.unique, refuse))
+            drawn_jobs.append(i)
+        for i, drawn in zip(drawn_jobs, generate(model, requests, tokenizer.bos)):
+            o = jobs[i][0]
+            names = [o.prefix + tokenizer.decode(t) for t in drawn.tokens]
+            short = None
+            if len(names) < o.count:
+                short = (f"found only {len(names)} of {o.count} names {wanted(o)} in {drawn.tries:,} draws; "
+                         "ask for fewer, or loosen the settings.")
+            out[i] = Names(names, drawn.logprobs, short)
+        return out
+    finally:
+        model.train(was_training)
+
+
+def invent(model: GPT | Ensemble, tokenizer: CharTokenizer, options: NameOptions,
+           generator: torch.Generator | None = None, known: Known | None = None, flag: str = "") -> Names:
+    """The names ``options`` ask for, with their log-probabilities: the Python API of ``sample``. A bad setting is
+    a ``UserError`` naming it (with ``flag`` before it); ``known``: the names of the model's run, for only_new
+    (``microgpt.data.known.KnownNames.from_file(checkpoint)``)."""
+    if problem := options_problem(options, tokenizer, model.block_size, known, flag):
+        raise UserError(problem[1])
+    return draw_names(model, tokenizer, [(options, generator)], known)[0]
+
+
+def refusal(tokenizer: CharTokenizer, prefix: str, known: Known):
+    """The continuations of ``prefix`` that make a known name."""
+    return lambda tokens: known.kind(prefix + tokenizer.decode(tokens)) is not None
+
+
+def wanted(o: NameOptions) -> str:
+    """Words for what ``o`` asks of a name, e.g. "that are new, unique and of 4 to 6 characters"."""
+    parts = [word for word, on in (("new", o.only_new), ("unique", o.unique)) if on]
+    if o.min_length is not None or o.max_length is not None:
+        low, high = o.min_length, o.max_length
+        parts.append(f"of {low} character{'s' * (low != 1)}" if low == high
+                     else f"of {low} to {high} characters" if low is not None and high is not None
+                     else f"of at least {low} characters" if low is not None else f"of at most {high} characters")
+    return "that are " + ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+
+
+def likeliest_shortfall(o: NameOptions, found: int, exhausted: bool) -> str | None:
+    if found == o.likeliest:
+        return None
+    what = " " + wanted(o) if o.only_new or o.min_length is not None or o.max_length is not None else ""
+    if exhausted:
+        return (f"found only {found} of the {o.likeliest} likeliest names{what} after reading {MAX_EXPANDED:,} "
+                "partial names, the search's bound; ask for fewer, or a lower min_length.")
+    return f"the model gives only {found} names{what} a probability above zero."
+
