@@ -34,37 +34,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's package, for reading checkpoints
 README = ROOT / "README.md"
-START = "| recipe | params | steps × batch | fit wall time | test/loss | ppl | new | scored on | a few samples |"
+START = "| recipe | params | steps × batch | fit time | test/loss | ppl | new | a few samples |"
 LAST = "checkpoints/last.ckpt"
 
 
 @dataclass
 class Row:
-    """A row of the table: its recipe, how it is described, and how its checkpoints are named in it."""
+    """A row of the table: its recipe and how it is described."""
 
     config: str
     label: str
-    scored: str = "`last.ckpt` (= `best.ckpt`, step {step})"  # {step}: last.ckpt's step, when best.ckpt's is the same
     bold: bool = False  # the table's best figures
     ensemble: bool = False
 
 
 ROWS = {
-    "names": Row("names", "`configs/names.yaml` (the seed: 16-dim, 1 layer, context 8)",
-                 scored="`last.ckpt` (= `best.ckpt`: one validation, at the end)"),
-    "names-batched": Row("names-batched", "`configs/names-batched.yaml` (64-dim, 2 layers, context 16)"),
-    "names-fast": Row("names-fast", "`configs/names-fast.yaml` (128-dim, 2 layers, Muon for the blocks' matrices, "
-                                    "batches of 128 packed names)"),
-    "names-best": Row("names-best", "`configs/names-best.yaml` (128-dim, 4 layers, Muon with weight decay 0.15, "
-                                    "warmup + cosine, packed rows, warmed-up moving average of the weights)",
-                      scored="`last.ckpt` (the moving average; = `best.ckpt`, step {step})", bold=True),
-    "names-best-adamw": Row("names-best-adamw", "`configs/names-best-adamw.yaml` (names-best before Muon: 128-dim, "
-                                                "4 layers, AdamW wd 0.3, warmup + cosine, packed rows, warmed-up "
-                                                "moving average of the weights)",
-                            scored="`last.ckpt` (the moving average; = `best.ckpt`, step {step})"),
-    "ensemble": Row("names-best-adamw", "`names-best-adamw.yaml` twice at once (seeds 42 and 43, one thread each), "
-                                        "averaged with `--model.ensemble`",
-                    scored="both `last.ckpt`", bold=True, ensemble=True),
+    "names": Row("names", "`names` (the seed: 16-dim, 1 layer)"),
+    "names-batched": Row("names-batched", "`names-batched` (64-dim, 2 layers)"),
+    "names-fast": Row("names-fast", "`names-fast` (128-dim, 2 layers, Muon)"),
+    "names-best": Row("names-best", "`names-best` (128-dim, 4 layers, Muon, EMA)", bold=True),
+    "names-best-adamw": Row("names-best-adamw", "`names-best-adamw` (as names-best, AdamW)"),
+    "ensemble": Row("names-best-adamw", "two `names-best-adamw` at once, averaged", bold=True, ensemble=True),
 }
 TIME = 3  # the column of the wall time
 
@@ -148,10 +138,9 @@ def measure(key: str, work: Path) -> list[str]:
     new, names = samples(out, r"^samples: (\d+)% new")
     if facts["best"] is not None and facts["best"] != facts["step"]:
         sys.exit(f"results: {key}: best.ckpt holds step {facts['best']}, last.ckpt step {facts['step']}: the "
-                 "table scores last.ckpt and says they are the same; describe this row anew.")
+                 "table scores last.ckpt and says it is also best.ckpt; describe this row anew.")
     return [row.label, f"{facts['params']:,}", f"{facts['steps']:,} × {facts['batch']:,}", f"{wall(out):.1f} s",
-            figure(loss, row.bold), f"{ppl:.2f}", f"{new}%", row.scored.format(step=f"{facts['step']:,}"),
-            ", ".join(names[:5])]
+            figure(loss, row.bold), f"{ppl:.2f}", f"{new}%", ", ".join(names[:5])]
 
 
 def measure_ensemble(row: Row, work: Path) -> list[str]:
@@ -170,8 +159,7 @@ def measure_ensemble(row: Row, work: Path) -> list[str]:
     names = written.read_text(encoding="utf-8").split("\n")
     f = facts[0]
     return [row.label, f"2 × {f['params']:,}", f"2 × {f['steps']:,} × {f['batch']:,}",
-            f"{max(map(wall, outs)):.1f} s", figure(loss, row.bold), f"{ppl:.2f}", f"{new}%", row.scored,
-            ", ".join(names[:5])]
+            f"{max(map(wall, outs)):.1f} s", figure(loss, row.bold), f"{ppl:.2f}", f"{new}%", ", ".join(names[:5])]
 
 
 def figure(loss: float, bold: bool) -> str:

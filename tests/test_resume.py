@@ -93,8 +93,8 @@ def names(tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory) -> dict:
-    """The recipe with a moving average of the weights (``microgpt.callbacks.EMA``, a Lightning
-    ``WeightAveraging``, as in ``names-best.yaml``), run twice at once: straight through, and SIGKILLed after a
+    """The recipe with a moving average of the weights (``microgpt.callbacks.EMA``, a callback of microgpt's that
+    saves checkpoints in the layout of Lightning's ``WeightAveraging``, as in ``names-best.yaml``), run twice at once: straight through, and SIGKILLed after a
     periodic checkpoint, then SIGTERMed, then stopped by Ctrl-C, each followed by ``--ckpt_path last``."""
     tmp = tmp_path_factory.mktemp("interrupted")
     names = tmp / "names.txt"
