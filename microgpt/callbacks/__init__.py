@@ -6,6 +6,7 @@ recipes in ``configs/`` do).
 * ``monitoring``: ``LearningRateMonitor``, ``ProgressBar``, ``Throughput``.
 * ``predictions``: ``WriteNames``, the prediction writer.
 * ``ema``: ``EMA``, the moving average of the weights.
+* ``threads``: ``Threads``, torch's CPU threads for the run.
 """
 
 from microgpt.callbacks.checkpointing import AtomicCheckpointIO, RunCheckpoint, Stopped
@@ -13,6 +14,7 @@ from microgpt.callbacks.ema import EMA
 from microgpt.callbacks.monitoring import LearningRateMonitor, ProgressBar, Throughput
 from microgpt.callbacks.predictions import WriteNames
 from microgpt.callbacks.sampling import SampleNames, log_samples, novelty, report_novelty
+from microgpt.callbacks.threads import Threads
 
 __all__ = ["EMA", "AtomicCheckpointIO", "LearningRateMonitor", "ProgressBar", "RunCheckpoint", "SampleNames",
-           "Stopped", "Throughput", "WriteNames", "log_samples", "novelty", "report_novelty"]
+           "Stopped", "Threads", "Throughput", "WriteNames", "log_samples", "novelty", "report_novelty"]

@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from microgpt.callbacks import AtomicCheckpointIO, ProgressBar, Stopped, WriteNames
+from microgpt.callbacks import AtomicCheckpointIO, ProgressBar, Stopped, Threads, WriteNames
 from microgpt.checkpoints.io import find_checkpoint, load_checkpoint
 from microgpt.data.datamodule import NamesDataModule
 from microgpt.errors import UserError
@@ -138,6 +138,8 @@ class MicroGPTCLI(LightningCLI):
             callbacks.append(WriteNames())
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, LightningProgressBar) for c in callbacks):
             callbacks.append(ProgressBar())  # Lightning's bar, drawn a few times a second rather than every step
+        if not any(isinstance(c, Threads) for c in callbacks):
+            callbacks.append(Threads())  # torch's CPU threads, chosen from the model and batch before the first step
         kwargs.setdefault("callbacks", callbacks)
         if config.get("profiler") is None:
             kwargs.setdefault("profiler", QuietProfiler())

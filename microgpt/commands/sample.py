@@ -22,6 +22,7 @@ from microgpt.files import WriteFailed, atomic_write
 from microgpt.checkpoints.loading import load_members, load_model
 from microgpt.model.gpt import GPT, Ensemble, sampling_problem
 from microgpt.model.tokenizer import CharTokenizer
+from microgpt.threads import use_threads
 
 
 def sample_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, num_samples: int, temperature: float = 0.5,
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         gpt, tokenizer = load_model(paths[0], args.device)
         if len(paths) > 1:
             gpt = Ensemble([gpt, *load_members(paths[1:], tokenizer, gpt.block_size, args.device)])
+        print(use_threads(args.num_samples, gpt), file=sys.stderr)  # a step draws one character of every name
         generator = None if args.seed is None else torch.Generator(args.device).manual_seed(args.seed)
         names = sample_names(gpt, tokenizer, args.num_samples, args.temperature, args.top_k, args.prefix, generator,
                              args.top_p)
