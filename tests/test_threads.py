@@ -90,16 +90,15 @@ def test_fit_chooses_and_logs_threads(recipe, threads, values, nothing_set, tiny
 
 
 @pytest.mark.skipif(CORES < 2, reason="needs 2 cores")
-def test_seed_recipe_is_exact_with_two_threads(names_file, tmp_path, monkeypatch):
-    """100 steps of the seed recipe on 2 threads reach the plain loop's losses (run on one thread) as closely as
-    the fidelity test asks of the whole recipe on one."""
-    ref_losses, _, _ = train_seed(names_file, steps=100, num_samples=0)
+def test_seed_recipe_matches_the_plain_loop_on_two_threads(names_file, tmp_path, monkeypatch):
+    """The fidelity test's promise on two threads: both sides on 2 threads, where MKL rounds the 5- and 6-row
+    matrix products differently from one thread (by up to about 3e-5 in the loss by step 500)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     torch.set_num_threads(2)
     try:
-        _, losses = fit_seed_recipe(names_file, tmp_path, "--trainer.max_steps", "100",
-                                    "--trainer.val_check_interval", "100")
+        ref_losses, _, _ = train_seed(names_file, num_samples=0)
+        _, losses = fit_seed_recipe(names_file, tmp_path, "--trainer.callbacks", "[]", "--trainer.logger", "false")
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
-    assert len(losses) == 100 and losses == pytest.approx(ref_losses, abs=1e-5)
+    assert len(losses) == 500 and losses == pytest.approx(ref_losses, abs=1e-5)
