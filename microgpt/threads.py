@@ -94,9 +94,15 @@ def choose(values: int, cores: int, processes: int = 1, start: Start | None = No
     if values < GRAIN_SIZE:
         return 1, f"a step's largest tensor has {values:,} values, too few for torch to split; {allowed}"
     share = max(1, cores // max(1, processes))
-    waiting = ("idle threads sleep" if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
-               else "idle threads spin: OpenMP was loaded before OMP_WAIT_POLICY=PASSIVE could be set")
-    return share, f"a step's largest tensor has {values:,} values; {allowed}; {waiting}"
+    return share, f"a step's largest tensor has {values:,} values; {allowed}; {waiting()}"
+
+
+def waiting() -> str:
+    """How idle OpenMP threads wait, in a few words (as far as the environment tells)."""
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        return "idle threads sleep"
+    given = [f"{name}={os.environ[name]}" for name in WAITING if name in os.environ]
+    return ", ".join(given) if given else "idle threads spin: OpenMP was loaded before it could be told to sleep"
 
 
 def use_threads(tokens: int, model, processes: int = 1, start: Start | None = None) -> str:
