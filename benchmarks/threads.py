@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", metavar="LABEL:VAR=VALUE,...",
                         help="a setting to compare (repeatable; default: today's threads and microgpt's choice)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so that the busy process stops too
     variants = [parse_variant(v) for v in args.variant] if args.variant else [
         ("today", {"OMP_NUM_THREADS": str(cores())}), ("chosen", {})]
     steps = {**MAX_STEPS, **parse_steps(args.max_steps)}
