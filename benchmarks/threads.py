@@ -7,7 +7,8 @@ microgpt's choice (``microgpt.threads``).
         --variant "2 passive:OMP_NUM_THREADS=2,OMP_WAIT_POLICY=PASSIVE"          # other settings, side by side
 
 Each run is a fresh ``python -m microgpt fit --config configs/RECIPE.yaml`` (no progress bar, in a temporary
-folder) and its time is the one the ``final:`` line reports (``before_fit`` to the last validation). "busy" runs
+folder; the token stores are built once, untimed, before the rounds) and its time is the one the ``final:`` line
+reports (``before_fit`` to the last validation). "busy" runs
 start one other CPU-bound process (``python -c 'while True: pass'``) first and stop it after. Within a round, each
 recipe and setting runs quiet then busy, so the two alternate; the table gives medians over ``--rounds``.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -46,8 +48,9 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def fit(recipe: str, max_steps: int | None, env: dict[str, str], busy: bool) -> tuple[float, str]:
-    """One fresh ``fit`` of ``recipe``: its ``final:`` seconds, and its ``threads:`` line (or '')."""
+def fit(recipe: str, max_steps: int | None, env: dict[str, str], busy: bool, cache: str) -> tuple[float, str]:
+    """One fresh ``fit`` of ``recipe`` with the token-store cache ``cache``: its ``final:`` seconds, and its
+    ``threads:`` line (or '')."""
     base = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as folder:
@@ -57,7 +60,7 @@ def fit(recipe: str, max_steps: int | None, env: dict[str, str], busy: bool) -> 
             args += ["--trainer.max_steps", str(max_steps)]
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
         try:
-            done = subprocess.run(args, env={**base, **env, "MICROGPT_CACHE": os.path.join(folder, "cache")},
+            done = subprocess.run(args, env={**base, **env, "MICROGPT_CACHE": cache},
                                   cwd=folder, capture_output=True, text=True)
         finally:
             if spinner is not None:
@@ -100,27 +103,32 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so that the busy process stops too
     variants = [parse_variant(v) for v in args.variant] if args.variant else [
         ("today", {"OMP_NUM_THREADS": str(cores())}), ("chosen", {})]
-    steps = {**MAX_STEPS, **parse_steps(args.max_steps)}
+    given = parse_steps(args.max_steps)
+    steps = {recipe: given.get(recipe, given.get(None, MAX_STEPS.get(recipe))) for recipe in args.recipes}
     times: dict[tuple[str, str, bool], list[float]] = {}
     choices: dict[tuple[str, str], set[str]] = {}
     print(f"{cores()} cores allowed; {args.rounds} rounds", flush=True)
+    cache = tempfile.mkdtemp(prefix="threads-cache-")
+    for recipe in args.recipes:  # the token stores, built once before anything is timed
+        fit(recipe, 1, {}, False, cache)
     for round_ in range(args.rounds):
         for recipe in args.recipes:
-            max_steps = steps.get(recipe, steps.get(None))
+            max_steps = steps[recipe]
             for label, env in variants:
                 for busy in (False, True):
-                    seconds, choice = fit(recipe, max_steps, env, busy)
+                    seconds, choice = fit(recipe, max_steps, env, busy, cache)
                     times.setdefault((recipe, label, busy), []).append(seconds)
                     if choice:
                         choices.setdefault((recipe, label), set()).add(choice)
                     print(f"round {round_ + 1} {recipe} {label} {'busy' if busy else 'quiet'}: {seconds:.1f} s",
                           file=sys.stderr, flush=True)
+    shutil.rmtree(cache, ignore_errors=True)
     first = variants[0][0]
     print()
     print(f"| recipe (steps) | setting | quiet s | busy s | busy / quiet | quiet / {first} quiet |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for recipe in args.recipes:
-        max_steps = steps.get(recipe, steps.get(None))
+        max_steps = steps[recipe]
         base = statistics.median(times[(recipe, first, False)])
         for label, _ in variants:
             quiet = statistics.median(times[(recipe, label, False)])
