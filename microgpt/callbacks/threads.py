@@ -22,9 +22,9 @@ class Threads(L.Callback):
         if self.chosen:  # once per process: a fit's closing validation keeps the fit's choice
             return
         self.chosen = True
-        if trainer.strategy.root_device.type != "cpu":
-            return  # the steps run on the accelerator; the CPU's threads only feed it
         data = trainer.datamodule
+        if trainer.strategy.root_device.type != "cpu" or data is None:
+            return  # the steps run on an accelerator (the CPU's threads only feed it), or the batch is unknown
         batch = data.batch_size if stage == "fit" else data.eval_batch_size
         processes = trainer.num_devices  # the processes of this run on this machine
         rank_zero_info(use_threads(-(-batch // processes) * data.block_size, pl_module, processes, self.start))
