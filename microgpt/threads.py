@@ -20,14 +20,22 @@ more than the cores allowed) is one sentence naming it. Nothing here imports tor
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from microgpt.errors import UserError
 
 GRAIN_SIZE = 32768  # torch's at::internal::GRAIN_SIZE: fewer values than this, and a pointwise operation is one thread's
 WAITING = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")  # OpenMP's waiting, as the user may have set it
+# Spins before an idle OpenMP thread sleeps: enough to bridge the gaps between a step's parallel operations on a quiet
+# machine (sleeping at once, OMP_WAIT_POLICY=PASSIVE, made names-batched twice as slow as one thread), few enough
+# that a thread does not hold a core for long once another process wants it (docs/speed.md)
+SPIN_COUNT = 3000
+SAMPLE_SECONDS = 0.1  # how long the cores are watched for other work before a choice of several threads
 
 
 def allowed_cores() -> int:
@@ -40,17 +48,17 @@ def allowed_cores() -> int:
 
 
 def before_torch(environ: os._Environ | dict = os.environ) -> str | None:
-    """Run before torch is imported, whose OpenMP reads its settings once, when it loads: make idle OpenMP threads
-    sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE``) unless the user set ``OMP_NUM_THREADS`` or any of
-    OpenMP's waiting settings. Returns what is wrong with the user's ``OMP_NUM_THREADS`` (then nothing is set), or
-    None."""
+    """Run before torch is imported, whose OpenMP reads its settings once, when it loads: idle OpenMP threads spin
+    ``SPIN_COUNT`` times, not OpenMP's 300,000, before they sleep (``GOMP_SPINCOUNT``, torch's libgomp on Linux),
+    unless the user set ``OMP_NUM_THREADS`` or any of OpenMP's waiting settings. Returns what is wrong with the
+    user's ``OMP_NUM_THREADS`` (then nothing is set), or None."""
     if "OMP_NUM_THREADS" in environ:
         try:
             checked_omp_num_threads(environ["OMP_NUM_THREADS"], allowed_cores())
         except UserError as err:
             return str(err)
     elif "torch" not in sys.modules and not any(name in environ for name in WAITING):
-        environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
     return None
 
 
@@ -82,9 +90,12 @@ def checked_omp_num_threads(text: str, cores: int) -> int:
     return threads
 
 
-def choose(values: int, cores: int, processes: int = 1, start: Start | None = None) -> tuple[int | None, str]:
+def choose(values: int, cores: int, processes: int = 1, start: Start | None = None,
+           busy: Callable[[], float | None] = lambda: busy_cores()) -> tuple[int | None, str]:
     """The thread count for steps whose largest tensor holds ``values`` numbers, run by ``processes`` processes
-    sharing ``cores``: ``(threads, reason)``, threads None to leave torch's as the user set it."""
+    sharing ``cores``: ``(threads, reason)``, threads None to leave torch's as the user set it. A single process
+    that could use several threads uses those of its cores that other work leaves idle at the start
+    (``busy()``: how many cores other work keeps busy, None where unknown)."""
     start = start or Start.now()
     allowed = f"{cores} core{'s' if cores != 1 else ''} allowed" + (f", {processes} processes" if processes > 1 else "")
     if start.omp_num_threads is not None:
@@ -94,15 +105,43 @@ def choose(values: int, cores: int, processes: int = 1, start: Start | None = No
     if values < GRAIN_SIZE:
         return 1, f"a step's largest tensor has {values:,} values, too few for torch to split; {allowed}"
     share = max(1, cores // max(1, processes))
+    if share > 1 and processes == 1 and (taken := busy()) is not None:
+        share = max(1, min(share, math.floor(cores - taken + 0.5)))
+        allowed += f", {taken:.1f} busy with other work"
     return share, f"a step's largest tensor has {values:,} values; {allowed}; {waiting()}"
+
+
+def busy_cores(seconds: float = SAMPLE_SECONDS) -> float | None:
+    """How many of the cores allowed other work kept busy over the next ``seconds`` (this thread sleeps
+    meanwhile), from the kernel's per-core counters (``/proc/stat``); None where there are none."""
+    def idle_and_total() -> dict[int, tuple[int, int]]:
+        counts = {}
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+                    counts[int(name[3:])] = (ticks[3] + ticks[4], sum(ticks))
+        return counts
+
+    try:
+        cpus = os.sched_getaffinity(0)
+        before = idle_and_total()
+        time.sleep(seconds)
+        after = idle_and_total()
+    except (AttributeError, OSError, ValueError, IndexError):
+        return None
+    busy = 0.0
+    for cpu, (idle, total) in after.items():
+        if cpu in before and total > before[cpu][1]:
+            busy += 1 - (idle - before[cpu][0]) / (total - before[cpu][1])
+    return busy
 
 
 def waiting() -> str:
     """How idle OpenMP threads wait, in a few words (as far as the environment tells)."""
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
-        return "idle threads sleep"
     given = [f"{name}={os.environ[name]}" for name in WAITING if name in os.environ]
-    return ", ".join(given) if given else "idle threads spin: OpenMP was loaded before it could be told to sleep"
+    return ", ".join(given) if given else "OpenMP's own waiting: it was loaded before microgpt could set it"
 
 
 def use_threads(tokens: int, model, processes: int = 1, start: Start | None = None) -> str:
