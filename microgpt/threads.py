@@ -1,16 +1,17 @@
 """How many threads torch computes with on the CPU, chosen from a step's work and the cores this process may use.
 
-torch's default is one intra-op thread per core, and its OpenMP threads spin while they wait for work. For
-microgpt's small models that is slower on a quiet machine and several times slower on a busy one: a waiting thread
-keeps a core that another process, or the thread being waited for, needs. So, unless the user chose:
+torch's default is one intra-op thread per core, and its OpenMP threads spin about 300,000 times while they wait
+for work. For microgpt's small models that is slower on a quiet machine and several times slower on a busy one: a
+waiting thread keeps a core that another process, or the thread being waited for, needs. So, unless the user chose:
 
 * ``before_torch()``, called before torch is imported (``python -m microgpt`` does it first), sets
-  ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads sleep. OpenMP reads it once, when torch loads it; later it
-  changes nothing.
+  ``GOMP_SPINCOUNT=3000``: idle OpenMP threads spin briefly, then sleep. OpenMP reads it once, when torch loads it;
+  later it changes nothing.
 * ``use_threads()``, called once the model and the batch are known and before the first step, sets one thread
   when a step's largest tensor is too small for torch to split (torch hands a pointwise operation to several
-  threads only from 32,768 values, ``at::internal::GRAIN_SIZE``), else one thread per core allowed (its share
-  of them when several processes of one run share the machine). It returns the one line that says what it chose.
+  threads only from 32,768 values, ``at::internal::GRAIN_SIZE``), else one thread per core allowed that other work
+  leaves idle at the start (or its share of the cores, when several processes of one run share the machine). It
+  returns the one line that says what it chose.
 
 The user's choice always wins: ``OMP_NUM_THREADS`` (then microgpt leaves OpenMP alone altogether), or
 ``torch.set_num_threads`` called before the run. A setting that cannot be honoured (not a whole number, below 1,
@@ -32,7 +33,7 @@ from microgpt.errors import UserError
 GRAIN_SIZE = 32768  # torch's at::internal::GRAIN_SIZE: fewer values than this, and a pointwise operation is one thread's
 WAITING = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")  # OpenMP's waiting, as the user may have set it
 # Spins before an idle OpenMP thread sleeps: enough to bridge the gaps between a step's parallel operations on a quiet
-# machine (sleeping at once, OMP_WAIT_POLICY=PASSIVE, made names-batched twice as slow as one thread), few enough
+# machine (sleeping at once, OMP_WAIT_POLICY=PASSIVE, made names-batched slower than one thread), few enough
 # that a thread does not hold a core for long once another process wants it (docs/speed.md)
 SPIN_COUNT = 3000
 SAMPLE_SECONDS = 0.1  # how long the cores are watched for other work before a choice of several threads
