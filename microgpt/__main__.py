@@ -7,6 +7,7 @@ This file imports neither torch nor Lightning, so that the overview below prints
 import sys
 
 from microgpt.errors import UserError, exit_on_user_error
+from microgpt.threads import before_torch
 
 USAGE = """\
 usage: microgpt {fit,validate,test,predict,sample,serve} [options]
@@ -35,6 +36,9 @@ more help:
 
 
 def main() -> None:
+    if problem := before_torch():  # OpenMP's settings, checked and chosen before anything loads it
+        print(f"microgpt: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     command = sys.argv[1:2]
     if command in ([], ["-h"], ["--help"]):
         sys.stdout.write(USAGE)

@@ -9,9 +9,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# One thread per process, here and in every process a test starts (they inherit the variable): the tests' models
-# are tiny, and on a few cores shared with those processes torch's default of a thread per core is several times
-# slower. The numbers a test compares come from runs that all use the same number of threads.
+# One thread per process, here and in every process a test starts (they inherit the variable), as a user's own
+# OMP_NUM_THREADS, which microgpt.threads honours: the tests' models are all small enough that microgpt would
+# choose one thread anyway, and the numbers a test compares come from runs that all use the same number of threads
+# (MKL rounds some small products differently on two). tests/test_threads.py unsets it where it tests the choice.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

@@ -6,6 +6,7 @@ recipes in ``configs/`` do).
 * ``monitoring``: ``RunLogger`` (the TensorBoard folder), ``LearningRateCurves``, ``Throughput``.
 * ``predictions``: ``WriteNames``, the prediction writer.
 * ``ema``: ``EMA``, the moving average of the weights.
+* ``threads``: ``Threads``, torch's CPU threads for the run.
 """
 
 from microgpt.callbacks.checkpointing import AtomicCheckpointIO, RunCheckpoint, Stopped
@@ -13,9 +14,10 @@ from microgpt.callbacks.ema import EMA
 from microgpt.callbacks.monitoring import LearningRateCurves, RunLogger, Throughput
 from microgpt.callbacks.predictions import WriteNames
 from microgpt.callbacks.sampling import SampleNames, log_samples, novelty, report_novelty
+from microgpt.callbacks.threads import Threads
 
 LearningRateMonitor = LearningRateCurves  # its class path in recipes written before the rename; by its short name,
 # LearningRateMonitor is Lightning's own
 
 __all__ = ["EMA", "AtomicCheckpointIO", "LearningRateCurves", "RunCheckpoint", "RunLogger", "SampleNames", "Stopped",
-           "Throughput", "WriteNames", "log_samples", "novelty", "report_novelty"]
+           "Threads", "Throughput", "WriteNames", "log_samples", "novelty", "report_novelty"]

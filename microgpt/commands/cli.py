@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from microgpt.callbacks import RunLogger, Stopped, WriteNames
+from microgpt.callbacks import RunLogger, Stopped, Threads, WriteNames
 from microgpt.checkpoints.io import load_checkpoint, resolve_checkpoint
 from microgpt.checkpoints.runs import with_claimed_version
 from microgpt.data.datamodule import NamesDataModule
@@ -109,6 +109,7 @@ class MicroGPTCLI(LightningCLI):
         parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir", compute_fn=root_dir,
                               apply_on="parse")
         parser.add_lightning_class_args(WriteNames, "predictions")  # in every subcommand; writes in predict
+        parser.add_lightning_class_args(Threads, "threads")  # torch's CPU threads, chosen before the first step
 
     def parse_arguments(self, parser, args) -> None:
         """Parse, then resolve ``--ckpt_path last`` or ``best`` and check the checkpoint before anything reads it."""

@@ -24,6 +24,7 @@ from microgpt.files import WriteFailed, atomic_write
 from microgpt.model.gpt import GPT, Ensemble
 from microgpt.model.names import NameOptions, Names, invent
 from microgpt.model.tokenizer import CharTokenizer
+from microgpt.threads import use_threads
 
 
 def sample_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, num_samples: int, temperature: float = 0.5,
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         gpt, tokenizer = load_model(paths[0], args.device)
         if len(paths) > 1:
             gpt = Ensemble([gpt, *load_members(paths[1:], tokenizer, gpt.block_size, args.device)])
+        print(use_threads(args.num_samples, gpt), file=sys.stderr)  # a step draws one character of every name
         known = KnownNames.from_file(paths[0]) if args.only_new else None
         options = NameOptions(args.num_samples, args.prefix, args.temperature, args.top_k, args.top_p,
                               args.min_length, args.max_length, args.only_new, args.unique, args.likeliest)

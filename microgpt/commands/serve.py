@@ -40,6 +40,7 @@ from microgpt.errors import OneLineParser, UserError, exit_on_user_error
 from microgpt.checkpoints.loading import load_model
 from microgpt.data.known import KnownNames
 from microgpt.model.names import LIKELIEST_MAX, NameOptions, Names, draw_names, options_problem
+from microgpt.threads import use_threads
 from microgpt.commands.sample import positive_int, resolve, score_names
 
 MAX_COUNT = 1000  # names per /predict request
@@ -141,11 +142,10 @@ class CheckpointAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         # Ctrl-C reaches every process of the terminal's group: the main process stops this one (SIGTERM)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if device == "cpu":
-            # requests are small: one thread each, rather than threads that spin waiting for work while the
-            # HTTP process and the other worker need the same cores
-            torch.set_num_threads(1)
         self.gpt, self.tokenizer = load_model(self.ckpt_path, device)
+        if device == "cpu":  # the two inference workers (/predict, /score) share the cores; a batch is at most
+            # max_batch_size names of block_size characters
+            print(use_threads(self.max_batch_size * self.gpt.block_size, self.gpt, processes=2), file=sys.stderr)
         self.gpt.eval()
 
     def authorize(self, x_api_key: str | None = Header(default=None)) -> None:
