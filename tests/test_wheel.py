@@ -80,7 +80,7 @@ def test_a_shipped_recipe_and_sample_run_from_the_installed_wheel(wheel, tmp_pat
 
 def test_the_shipped_recipes_are_the_top_level_configs_and_are_listed_by_name():
     from microgpt.__main__ import USAGE
-    from microgpt.recipes import recipe_folder, recipe_names, with_recipe_paths
+    from microgpt.commands.recipes import recipe_folder, recipe_names, with_recipe_paths
 
     assert recipe_folder().resolve() == (ROOT / "configs").resolve()  # one folder, not a copy
     names = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))

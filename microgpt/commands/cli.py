@@ -30,7 +30,7 @@ from microgpt.checkpoints.runs import with_claimed_version
 from microgpt.data.datamodule import NamesDataModule
 from microgpt.errors import UserError, exit_on_user_error, user_error_behind
 from microgpt.files import disk_full
-from microgpt.recipes import with_recipe_paths
+from microgpt.commands.recipes import with_recipe_paths
 from microgpt.training.module import MicroGPT
 from microgpt.training.trainer_settings import check_trainer
 
