@@ -48,6 +48,10 @@ def main() -> None:
             print("microgpt serve: error: serving needs LitServe: pip install 'microgpt[serve]'", file=sys.stderr)
             raise SystemExit(2) from None
         serve_main(sys.argv[2:])
+    elif command == ["export"]:
+        from microgpt.commands.export import main as export_main
+
+        export_main(sys.argv[2:])
     else:
         from microgpt.commands.cli import main as cli_main
 
