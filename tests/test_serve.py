@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.serving import ROOT, Server, get, live_session_processes, post, serve_env
+from helpers.serving import ROOT, Server, get, headless_chromium, live_session_processes, post, request, serve_env
 
 from microgpt.commands.cli import main as cli_main
 from microgpt.checkpoints.loading import load_model
@@ -225,26 +225,7 @@ print(sorted(m for m in sys.modules if m.split(".")[0] == "lightning" or m.start
 
 @pytest.fixture(scope="module")
 def browser():
-    """Headless Chromium from the system packages, driven by Selenium; skipped only where it is not installed
-    outside CI (.ci/run installs it, so CI never skips)."""
-    chromium, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        if os.environ.get("CI"):
-            pytest.fail("the browser test needs chromium and chromium-driver, which .ci/run installs")
-        pytest.skip("headless Chromium is not installed here")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,800"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    chrome = webdriver.Chrome(options=options, service=Service(driver))
-    try:
-        yield chrome
-    finally:
-        chrome.quit()
+    yield from headless_chromium()
 
 
 def invent(browser, prefix: str, count: int = 12) -> list[str]:

@@ -41,6 +41,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib.resources import files
+from typing import Annotated
 
 import litserve as ls
 import torch
@@ -58,7 +59,9 @@ from microgpt.commands.sample import positive_int, resolve, score_names
 
 MAX_COUNT = 1000  # names per /predict request
 MAX_NAMES = 1000  # names per /score request
-MAX_BODY = 64 * 1024  # bytes; a larger body is answered 413
+MAX_NAME = 100  # characters per name to /score (a longer one is cut to the context anyway)
+MAX_BODY = 1024 * 1024  # bytes; a larger body is answered 413. Any body the schema allows fits: MAX_NAMES names
+# of MAX_NAME characters, each escaped to 6 bytes, come to 600 KB
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0  # beyond these float32 logits overflow or lose every difference
 API_KEY_ENV = "MICROGPT_API_KEY"
 MODEL_ID = "microgpt"  # the model's name on /v1
@@ -101,7 +104,8 @@ class PredictBody(JSONBody):
 class ScoreBody(JSONBody):
     """The JSON body of ``POST /score``."""
 
-    names: list[str] = Field(min_length=1, max_length=MAX_NAMES, description="the names to score")
+    names: list[Annotated[str, Field(max_length=MAX_NAME)]] = Field(min_length=1, max_length=MAX_NAMES,
+                                                                     description="the names to score")
 
 
 class CompletionBody(JSONBody):
