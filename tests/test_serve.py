@@ -82,8 +82,10 @@ BAD_PREDICTS = [
     ({"prefix": 12}, None, 422, ["body", "prefix"], "string"),
     ({"prefix": "abcdefgh"}, None, 422, ["body", "prefix"], "holds 7 after the start token"),
     ({"prefix": "mA<"}, None, 422, ["body", "prefix"], "never seen: 'A<'"),
-    ({"temperature": 0}, None, 422, ["body", "temperature"], "greater than 0"),
-    ({"temperature": -1.5}, None, 422, ["body", "temperature"], "greater than 0"),
+    ({"temperature": 0}, None, 422, ["body", "temperature"], "greater than or equal to 0.001"),
+    ({"temperature": -1.5}, None, 422, ["body", "temperature"], "greater than or equal to 0.001"),
+    ({"temperature": 101}, None, 422, ["body", "temperature"], "less than or equal to 100"),
+    ({"stream": "yes"}, None, 422, ["body", "stream"], "boolean"),
     (None, b'{"temperature": NaN}', 422, ["body", "temperature"], "finite"),
     ({"top_p": 0}, None, 422, ["body", "top_p"], "greater than 0"),
     ({"top_p": 1.01}, None, 422, ["body", "top_p"], "less than or equal to 1"),
@@ -107,9 +109,12 @@ def test_bad_predict_is_a_4xx_naming_the_field_and_the_server_keeps_serving(serv
 
 def test_oversized_body_missing_or_wrong_key_and_bad_score(servers):
     url = servers["keyed"].url
-    status, body = post(url + "/score", {"names": ["a" * 70_000]}, key=KEY)
+    status, body = post(url + "/score", {"names": ["a" * 1_100_000]}, key=KEY)
     assert status == 413 and "too large" in body["detail"]
-    assert post(url + "/score", {"names": ["a" * 60_000]}, key=KEY)[0] == 200  # under 64 KB
+    assert post(url + "/score", {"names": ["a" * 101]}, key=KEY)[0] == 422  # over 100 characters
+    # the most the schema allows, every character escaped to 6 bytes (600 KB), is under the 1 MiB limit
+    most = ('{"names": [' + ", ".join(['"' + "\\u0061" * 100 + '"'] * 1000) + "]}").encode()
+    assert post(url + "/score", raw=most, key=KEY)[0] == 200
     for key in (None, "wrong"):
         for path in ("/predict", "/score"):
             status, body = post(url + path, {"names": ["emma"]} if path == "/score" else {}, key=key)
@@ -204,12 +209,13 @@ def test_without_litserve_serve_says_what_to_install():
 def test_serving_never_imports_lightning(models):
     """What the serving processes run, in a fresh interpreter: build the server, and do a worker's work."""
     code = f"""
-import sys
+import json, sys
 from microgpt.commands.serve import PredictAPI, PredictBody, ScoreAPI, ScoreBody, build_server
 build_server({str(models['names'])!r}, "cpu", None, 4, 0.0)
 api = PredictAPI({str(models['names'])!r}, None, 4, 0.0, "/predict")
 api.setup("cpu")
-print(api.encode_response(api.predict([api.decode_request(PredictBody(count=3, prefix="a", top_p=0.5))])[0]))
+pieces = [p[0] for p in api.encode_response(api.predict([api.decode_request(PredictBody(count=3, prefix="a"))]))]
+print("".join(json.loads(p)["data"] for p in pieces[1:] if p))  # after the head line, the framed body
 score = ScoreAPI({str(models['names'])!r}, None, 1, 0.0, "/score")
 score.setup("cpu")
 print(score.encode_response(score.predict(score.decode_request(ScoreBody(names=["emma"])))))
@@ -219,7 +225,7 @@ print(sorted(m for m in sys.modules if m.split(".")[0] == "lightning" or m.start
                             env=serve_env(), timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[0].startswith("{'names': ['a") and lines[1].startswith("{'nll': [")
+    assert lines[0].startswith('{"names": ["a') and lines[1].startswith("{'nll': [")
     assert lines[-1] == "[]"
 
 

@@ -329,6 +329,7 @@ class Answer:
     def __init__(self, api: DrawingAPI, decoded: Draw | Invalid):
         self.api, self.decoded = api, decoded
         self.names: dict[int, list[int]] = {}
+        self.finished = False
 
     def head(self) -> str:
         d = self.decoded
@@ -340,17 +341,21 @@ class Answer:
         return json.dumps(head) + "\n"
 
     def feed(self, item) -> str:
-        if isinstance(self.decoded, Invalid):
+        """The body's next piece, framed as a JSON line ``{"data": text, "last": bool}`` ("" when there is
+        none): a request's answer ends as soon as its own names have, whatever else its batch still draws."""
+        if isinstance(self.decoded, Invalid) or self.finished:
             return ""
-        if item == END:
-            return self.end()
         pieces = []
-        for row, tokens in item:
+        for row, tokens in [] if item == END else item:
             self.names[row] = tokens
             self.api.metrics.NAMES.labels(self.api.api_path, "200").inc()
             if self.decoded.stream:
                 pieces.append(self.line(row, tokens))
-        return "".join(pieces)
+        self.finished = item == END or len(self.names) == self.decoded.request.count
+        if self.finished:
+            pieces.append(self.end())
+        text = "".join(pieces)
+        return json.dumps({"data": text, "last": self.finished}) + "\n" if text or self.finished else ""
 
     def end(self) -> str:
         raise NotImplementedError
@@ -443,17 +448,26 @@ class CompletionAPI(DrawingAPI):
     @torch.no_grad()
     def logprobs(self, prompt: list[int], tokens: list[int], top: int) -> dict:
         """OpenAI's logprobs of a choice: each character's log-probability under the model (temperature 1)
-        after the prompt and the characters before it, and the ``top`` likeliest characters there."""
-        device = self.gpt.lm_head.weight.device
-        context = torch.tensor([(prompt + tokens)[-self.gpt.block_size:]], device=device)
-        logp = torch.log_softmax(self.gpt(context)[0].float(), dim=-1)[len(context[0]) - len(tokens) - 1: -1]
-        chars = [self.tokenizer.decode([t]) for t in tokens]
+        after the prompt and the characters before it (the last ``block_size`` of them, as they were drawn),
+        and the ``top`` likeliest characters there."""
+        device, block = self.gpt.lm_head.weight.device, self.gpt.block_size
+        sequence = prompt + tokens
+        first = torch.log_softmax(self.gpt(torch.tensor([sequence[:block]], device=device))[0].float(), dim=-1)
+        rows = []
+        for j in range(len(prompt), len(sequence)):  # the distribution token j was drawn from
+            if j <= block:
+                rows.append(first[j - 1])
+            else:  # past the context the window slides
+                window = torch.tensor([sequence[j - block : j]], device=device)
+                rows.append(torch.log_softmax(self.gpt(window)[0, -1].float(), dim=-1))
         name = lambda i: self.tokenizer.decode([i]) if i != self.tokenizer.bos else ""
-        best = logp.topk(top, dim=-1) if top else None
-        return {"tokens": chars, "token_logprobs": [logp[i, t].item() for i, t in enumerate(tokens)],
-                "top_logprobs": [{name(j): v for v, j in zip(best.values[i].tolist(), best.indices[i].tolist())}
-                                 for i in range(len(tokens))] if top else None,
-                "text_offset": [len(self.tokenizer.decode(prompt)) + i for i in range(len(tokens))]}
+        offset = len(self.tokenizer.decode(prompt))
+        out = {"tokens": [name(t) for t in tokens], "token_logprobs": [r[t].item() for r, t in zip(rows, tokens)],
+               "top_logprobs": None, "text_offset": [offset + i for i in range(len(tokens))]}
+        if top:
+            best = [r.topk(top) for r in rows]
+            out["top_logprobs"] = [{name(j): v for v, j in zip(b.values.tolist(), b.indices.tolist())} for b in best]
+        return out
 
 
 class ScoreAPI(CheckpointAPI):
@@ -496,6 +510,7 @@ class Answers:
         if scope["type"] != "http" or scope["path"] not in DRAWING:
             return await self.app(scope, receive, send)
         state = {"start": None, "head": None, "passthrough": False, "done": False}
+        watcher = None
 
         async def relay(message):
             if message["type"] == "http.response.start":
@@ -526,11 +541,15 @@ class Answers:
                     headers.append((b"x-accel-buffering", b"no"))
                 await asyncio.wait_for(send({"type": "http.response.start", "status": 200, "headers": headers}),
                                        self.stall)
+                nonlocal watcher
+                watcher = asyncio.create_task(watch())  # the body has been read: receive now waits for the end
                 return
-            if state["done"] or (not body and more):
+            if state["done"] or not body:
                 return
-            await asyncio.wait_for(send({"type": "http.response.body", "body": body, "more_body": more}), self.stall)
-            state["done"] = not more
+            frame = json.loads(body)
+            state["done"] = frame["last"]
+            await asyncio.wait_for(send({"type": "http.response.body", "body": frame["data"].encode(),
+                                         "more_body": not frame["last"]}), self.stall)
 
         async def send_json(status: int, body: str):
             await send({"type": "http.response.start", "status": status,
@@ -538,15 +557,29 @@ class Answers:
                                     (b"content-length", str(len(body.encode())).encode())]})
             await send({"type": "http.response.body", "body": body.encode(), "more_body": False})
 
+        async def watch():  # a client that goes away mid-answer: free its rows now, not at its next name
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if state["head"] is not None and "id" in state["head"] and not state["done"]:
+                cancel(state["head"]["id"])
+
+        def cancel(id: str):
+            try:
+                os.close(os.open(os.path.join(self.cancel_dir, id), os.O_CREAT | os.O_WRONLY, 0o600))
+            except OSError:
+                pass
+
         try:
             await self.app(scope, receive, relay)
+            if state["head"] is not None and not state["done"]:  # the worker failed mid-answer: end it
+                state["done"] = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            if watcher is not None:
+                watcher.cancel()
             head = state["head"]
             if head and "id" in head and not state["done"]:  # its client went away or stalled: free its rows
-                try:
-                    os.close(os.open(os.path.join(self.cancel_dir, head["id"]), os.O_CREAT | os.O_WRONLY, 0o600))
-                except OSError:
-                    pass
+                cancel(head["id"])
 
 
 def timeout_body(path: str) -> dict:
@@ -690,7 +723,13 @@ def build_server(ckpt_path: str, device: str, api_key: str | None, max_batch_siz
                       responses=text("Prometheus' text format"))
     app.add_api_route("/v1/models", models, methods=["GET"], dependencies=[Depends(apis[0].authorize)],
                       responses={401: {"description": "no or a wrong API key"}})
-    app.openapi_schema = truthful_schema(app, tokenizer, gpt.block_size)
+
+    def openapi() -> dict:  # FastAPI's documented way to change the schema it serves
+        if app.openapi_schema is None:
+            app.openapi_schema = truthful_schema(app, tokenizer, gpt.block_size)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return server
 
 
