@@ -245,7 +245,8 @@ def invent(browser, prefix: str, count: int = 12) -> list[str]:
         browser.find_element(By.ID, field).send_keys(value)
     browser.find_element(By.ID, "go").click()
     WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#names li") and (
-        not old or old[0] not in b.find_elements(By.CSS_SELECTOR, "#names li")))
+        not old or old[0] not in b.find_elements(By.CSS_SELECTOR, "#names li"))
+        and b.find_element(By.ID, "status").text == f"{count} names")  # streamed: every name has arrived
     return [li.get_attribute("textContent") for li in browser.find_elements(By.CSS_SELECTOR, "#names li")]
 
 
