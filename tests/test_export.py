@@ -127,7 +127,7 @@ def test_bad_exports_are_one_line_and_leave_nothing(ckpt, tmp_path, capsys, monk
              (("--ckpt_path", str(ckpt), "--format", "html", "--output", "/proc/microgpt-export"), "cannot write"),
              (("--ckpt_path", str(ckpt), "--format", "html", "--output", str(tmp_path / "no" / "c")), "does not exist")]
     for args, words in cases:
-        code, out, err = run_export(capsys, *args)
+        code, _, err = run_export(capsys, *args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and words in err and "Traceback" not in err, err
     # a write that fails half-way (a full disk) leaves no folder and no hidden work folder behind
     import safetensors.torch
@@ -137,7 +137,7 @@ def test_bad_exports_are_one_line_and_leave_nothing(ckpt, tmp_path, capsys, monk
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", half_written)
-    code, out, err = run_export(capsys, "--ckpt_path", str(ckpt), "--format", "safetensors", "--output",
+    code, _, err = run_export(capsys, "--ckpt_path", str(ckpt), "--format", "safetensors", "--output",
                                 str(tmp_path / "d"))
     assert code == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.ckpt"]

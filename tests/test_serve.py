@@ -2,7 +2,6 @@
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.serving import ROOT, Server, get, headless_chromium, live_session_processes, post, request, serve_env
+from helpers.serving import ROOT, Server, get, headless_chromium, live_session_processes, post, serve_env
 
-from microgpt.commands.cli import main as cli_main
 from microgpt.checkpoints.loading import load_model
+from microgpt.commands.cli import main as cli_main
 from microgpt.commands.sample import sample_names
 
 CONFIG = str(ROOT / "configs" / "names.yaml")

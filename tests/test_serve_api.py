@@ -173,13 +173,13 @@ def test_logprobs_are_the_models_and_the_stream_ends_with_done(client, server, m
 def test_bad_openai_requests_are_4xx_in_openais_error_shape(client, server):
     import openai
 
-    cases = [(dict(model="gpt-4", prompt="a"), openai.NotFoundError, "model"),
-             (dict(model="microgpt", prompt="a", n=0), openai.BadRequestError, "n"),
-             (dict(model="microgpt", prompt="a", max_tokens=BLOCK + 1), openai.BadRequestError, "max_tokens"),
-             (dict(model="microgpt", prompt=[1, 2]), openai.BadRequestError, "prompt"),
-             (dict(model="microgpt", prompt="aZ"), openai.BadRequestError, "prompt"),
-             (dict(model="microgpt", prompt="a", echo=True), openai.BadRequestError, "echo"),
-             (dict(model="microgpt", prompt="a", extra_body={"best_of": 2}), openai.BadRequestError, "best_of")]
+    cases = [({"model": "gpt-4", "prompt": "a"}, openai.NotFoundError, "model"),
+             ({"model": "microgpt", "prompt": "a", "n": 0}, openai.BadRequestError, "n"),
+             ({"model": "microgpt", "prompt": "a", "max_tokens": BLOCK + 1}, openai.BadRequestError, "max_tokens"),
+             ({"model": "microgpt", "prompt": [1, 2]}, openai.BadRequestError, "prompt"),
+             ({"model": "microgpt", "prompt": "aZ"}, openai.BadRequestError, "prompt"),
+             ({"model": "microgpt", "prompt": "a", "echo": True}, openai.BadRequestError, "echo"),
+             ({"model": "microgpt", "prompt": "a", "extra_body": {"best_of": 2}}, openai.BadRequestError, "best_of")]
     for kwargs, error, param in cases:
         with pytest.raises(error) as caught:
             client.completions.create(**kwargs)
@@ -239,7 +239,7 @@ def test_requests_drawn_from_the_servers_own_schema_are_never_refused_and_answer
         operation = spec["paths"][path]["post"]
         documented = operation["responses"]["200"]["content"]
         body_schema = operation["requestBody"]["content"]["application/json"]["schema"]
-        for _ in range(12):
+        for _ in range(8):
             payload = from_schema(body_schema, spec, rng)
             status, answer, headers = request(server.url + path, json.dumps(payload).encode(),
                                               {"Content-Type": "application/json", "X-API-Key": KEY}, "POST")

@@ -19,7 +19,6 @@ from microgpt.errors import UserError
 from microgpt.model.gpt import GPT
 from microgpt.model.tokenizer import CharTokenizer
 
-
 CONFIG, WEIGHTS = "config.json", "model.safetensors"  # an exported folder's files
 
 

@@ -51,11 +51,11 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from microgpt.errors import UserError
 from microgpt.checkpoints.loading import load_model
+from microgpt.commands.sample import positive_int, resolve, score_names
+from microgpt.errors import UserError
 from microgpt.model.sampling import SampleRequest, stream_batch
 from microgpt.model.tokenizer import CharTokenizer
-from microgpt.commands.sample import positive_int, resolve, score_names
 
 MAX_COUNT = 1000  # names per /predict request
 MAX_NAMES = 1000  # names per /score request

@@ -99,7 +99,7 @@ def stream_batch(model: GPT | Ensemble, requests: list[SampleRequest], end_token
     while True:
         dropped = set(cancelled()) & set(live) if cancelled is not None else set()
         if dropped:  # take the cancelled requests' rows out of every per-row tensor
-            keep = torch.tensor(rows_of(live, counts, lambda i: i not in dropped), device=device)
+            keep = torch.tensor(rows_of(live, counts, set(live) - dropped), device=device)
             live = [i for i in live if i not in dropped]
             if not live:
                 return
@@ -156,11 +156,11 @@ def stream_batch(model: GPT | Ensemble, requests: list[SampleRequest], end_token
         position += 1
 
 
-def rows_of(live: list[int], counts: list[int], wanted) -> list[int]:
-    """The batch rows (in the order of ``live``) of the requests ``wanted`` accepts."""
+def rows_of(live: list[int], counts: list[int], wanted: set[int]) -> list[int]:
+    """The batch rows (in the order of ``live``) of the requests in ``wanted``."""
     rows, start = [], 0
     for i in live:
-        if wanted(i):
+        if i in wanted:
             rows.extend(range(start, start + counts[i]))
         start += counts[i]
     return rows
