@@ -1,5 +1,6 @@
 """``microgpt serve`` speaking the ecosystem: streamed /predict, OpenAI's /v1 through the official client,
-Prometheus /metrics, and the OpenAPI schema driving the server. One server, with two workers per endpoint."""
+Prometheus /metrics, and the OpenAPI schema driving the server. One server, with two workers per endpoint, serving an exported safetensors folder (the tests compare its
+draws with the checkpoint file's)."""
 
 import json
 import random
@@ -13,6 +14,7 @@ import torch
 from helpers.serving import Server, get, live_session_processes, post, random_checkpoint, request, serve_env
 
 from microgpt.checkpoints.loading import load_model
+from microgpt.commands.export import export
 from microgpt.commands.sample import sample_names
 
 KEY = "k3y"
@@ -24,7 +26,8 @@ BLOCK = 256  # long rows: a request of many names spans many steps
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve_api")
     ckpt = random_checkpoint(tmp / "model.ckpt", VOCAB, n_embd=16, n_head=2, n_layer=1, block_size=BLOCK, seed=2)
-    s = Server(ckpt, tmp / "serve.log", "--workers_per_device", "2", "--timeout", "10", "--max_batch_size", "8",
+    folder = export(str(ckpt), "safetensors", str(tmp / "exported"))  # served: it must draw what ckpt draws
+    s = Server(folder, tmp / "serve.log", "--workers_per_device", "2", "--timeout", "10", "--max_batch_size", "8",
                env=serve_env(MICROGPT_API_KEY=KEY))
     try:
         s.wait_ready()
@@ -122,6 +125,9 @@ def test_metrics_count_requests_and_names_by_endpoint_and_status_time_them_and_s
     assert "microgpt_requests_waiting" in body.decode()
     for path in ("/health", "/metrics", "/"):  # open without the key
         assert get(server.url + path)[0] == 200
+    for path in ("/info", "/openapi.json", "/docs", "/v1/models"):  # the rest need it
+        assert get(server.url + path)[0] == 401
+        assert request(server.url + path, headers={"X-API-Key": KEY})[0] == 200
     assert len(live_session_processes(server.proc.pid)) >= 2 + 3 * 2  # two workers for each of the 3 endpoints
 
 
@@ -228,7 +234,7 @@ def from_schema(schema: dict, spec: dict, rng: random.Random):
 
 
 def test_requests_drawn_from_the_servers_own_schema_are_never_refused_and_answers_are_as_documented(server):
-    status, body = get(server.url + "/openapi.json")
+    status, body, _ = request(server.url + "/openapi.json", headers={"X-API-Key": KEY})
     spec = json.loads(body)
     assert status == 200
     predict = spec["components"]["schemas"]["PredictBody"]["properties"]

@@ -512,6 +512,13 @@ class Answers:
         state = {"start": None, "head": None, "passthrough": False, "done": False}
         watcher = None
 
+        async def deliver(message):
+            try:
+                await asyncio.wait_for(send(message), self.stall)
+            except TimeoutError:  # the client stopped reading: give its answer up and free its rows
+                state["done"] = True
+                cancel(state["head"]["id"])
+
         async def relay(message):
             if message["type"] == "http.response.start":
                 if message["status"] != 200:  # refused before the worker saw it: 401, 413, 422
@@ -539,17 +546,15 @@ class Answers:
                 if head["media_type"] != JSON_TYPE:
                     headers.append((b"cache-control", b"no-cache"))
                     headers.append((b"x-accel-buffering", b"no"))
-                await asyncio.wait_for(send({"type": "http.response.start", "status": 200, "headers": headers}),
-                                       self.stall)
+                await deliver({"type": "http.response.start", "status": 200, "headers": headers})
                 nonlocal watcher
                 watcher = asyncio.create_task(watch())  # the body has been read: receive now waits for the end
                 return
             if state["done"] or not body:
                 return
             frame = json.loads(body)
-            state["done"] = frame["last"]
-            await asyncio.wait_for(send({"type": "http.response.body", "body": frame["data"].encode(),
-                                         "more_body": not frame["last"]}), self.stall)
+            await deliver({"type": "http.response.body", "body": frame["data"].encode(), "more_body": not frame["last"]})
+            state["done"] = state["done"] or frame["last"]
 
         async def send_json(status: int, body: str):
             await send({"type": "http.response.start", "status": status,
@@ -580,6 +585,32 @@ class Answers:
             head = state["head"]
             if head and "id" in head and not state["done"]:  # its client went away or stalled: free its rows
                 cancel(head["id"])
+
+
+class Keyed:
+    """ASGI middleware: with an API key, the routes LitServe's ``authorize`` does not guard (``/info``, ``/docs``,
+    ``/openapi.json``, ...) need it too; only the page, ``/health`` and ``/metrics`` are open."""
+
+    def __init__(self, app, api_key: str | None, guarded: set[str]):
+        self.app, self.api_key, self.guarded = app, api_key, guarded
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or self.api_key is None or path in OPEN or path in self.guarded:
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        key = headers.get(b"x-api-key")
+        bearer = headers.get(b"authorization", b"")
+        if key is None and bearer.startswith(b"Bearer "):
+            key = bearer.removeprefix(b"Bearer ")
+        if key is None or not secrets.compare_digest(key, self.api_key.encode()):
+            words = "this server needs an API key: send it in the X-API-Key header (or Authorization: Bearer)."
+            body = json.dumps(openai_error(words, None, 401) if path.startswith("/v1/") else {"detail": words})
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", JSON_TYPE.encode())]})
+            await send({"type": "http.response.body", "body": body.encode()})
+            return
+        await self.app(scope, receive, send)
 
 
 def timeout_body(path: str) -> dict:
@@ -689,6 +720,8 @@ def build_server(ckpt_path: str, device: str, api_key: str | None, max_batch_siz
                           max_payload_size=MAX_BODY, model_metadata={"checkpoint": ckpt_path},
                           middlewares=[(Answers, {"cancel_dir": cancel_dir or tempfile.gettempdir(),
                                                   "stall": timeout}),
+                                       (Keyed, {"api_key": api_key,
+                                                "guarded": {api.api_path for api in apis} | {"/v1/models"}}),
                                        (Metrics, {"endpoints": endpoints})])
     html, policy = page()
     app = server.app
