@@ -45,7 +45,7 @@ from typing import Annotated
 
 import litserve as ls
 import torch
-from fastapi import Header, HTTPException, Request
+from fastapi import Depends, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -744,8 +744,6 @@ def build_server(ckpt_path: str, device: str, api_key: str | None, max_batch_siz
         return JSONResponse({"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0,
                                                          "owned_by": "microgpt", "root": ckpt_path}]})
 
-    from fastapi import Depends
-
     text = lambda description: {200: {"description": description, "content": {"text/plain": {}}}}
     app.add_api_route("/", lambda: HTMLResponse(html, headers={"Content-Security-Policy": policy}), methods=["GET"],
                       include_in_schema=False)
@@ -841,7 +839,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds a request may wait for a worker, and a streaming client may stop reading, "
                              "before it is given up (default 30)")
     parser.add_argument("--api_key", default=os.environ.get(API_KEY_ENV),
-                        help=f"requests must send this in the X-API-Key header (default ${API_KEY_ENV}; unset: none)")
+                        help=f"requests to all but /, /health and /metrics must send this in the X-API-Key header "
+                             f"or as Authorization: Bearer (default ${API_KEY_ENV}; unset: none)")
     args = parser.parse_args(argv)
     try:
         serve(args)
