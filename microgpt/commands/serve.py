@@ -281,13 +281,15 @@ class DrawingAPI(CheckpointAPI):
         super().__init__(*args, **kwargs, stream=True)
 
     def cancelled(self, draws: list[Draw]) -> set[int]:
-        return {j for j, d in enumerate(draws) if os.path.exists(os.path.join(self.cancel_dir, d.id))}
+        """The draws whose clients have gone (one directory listing a step)."""
+        gone = set(os.listdir(self.cancel_dir))
+        return {j for j, d in enumerate(draws) if d.id in gone} if gone else set()
 
     def predict(self, batch):
         decoded, batched = rows(batch)
         self.metrics.BATCH.labels(self.api_path).observe(len(decoded))
-        draws = [d for d in decoded if isinstance(d, Draw)]
-        at = {j: decoded.index(d) for j, d in enumerate(draws)}
+        at = [k for k, d in enumerate(decoded) if isinstance(d, Draw)]  # the batch position of each draw
+        draws = [decoded[k] for k in at]
         step = lambda items: items if batched else items[0]
         yield step(decoded)
         cancelled = (lambda: self.cancelled(draws)) if self.cancel_dir else None
@@ -323,8 +325,6 @@ class DrawingAPI(CheckpointAPI):
 
 class Answer:
     """One request's answer, built from what ``DrawingAPI.predict`` yields: a head line, then body pieces."""
-
-    media_type = JSON_TYPE
 
     def __init__(self, api: DrawingAPI, decoded: Draw | Invalid):
         self.api, self.decoded = api, decoded
