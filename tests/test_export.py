@@ -141,3 +141,22 @@ def test_bad_exports_are_one_line_and_leave_nothing(ckpt, tmp_path, capsys, monk
                                 str(tmp_path / "d"))
     assert code == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.ckpt"]
+
+
+def test_a_damaged_exported_folder_is_one_sentence_naming_the_file(exported, tmp_path):
+    import shutil
+
+    from microgpt.errors import UserError
+
+    for damage, words in [("model.safetensors", "model.safetensors: is damaged"),
+                          ("config.json", "config.json: is damaged"), (None, "a folder without")]:
+        folder = tmp_path / f"copy-{damage}"
+        shutil.copytree(exported / "safetensors", folder)
+        if damage is None:
+            (folder / "model.safetensors").unlink()
+        else:
+            data = (folder / damage).read_bytes()
+            (folder / damage).write_bytes(data[: len(data) // 2])
+        with pytest.raises(UserError) as caught:
+            load_model(folder)
+        assert words in str(caught.value) and "\n" not in str(caught.value)
