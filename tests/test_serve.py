@@ -209,7 +209,9 @@ def test_serving_never_imports_lightning(models):
     """What the serving processes run, in a fresh interpreter: build the server, and do a worker's work."""
     code = f"""
 import json, sys
-from microgpt.commands.serve import PredictAPI, PredictBody, ScoreAPI, ScoreBody, build_server
+from microgpt.commands.serve import build_server
+from microgpt.commands.serve_apis import PredictAPI, ScoreAPI
+from microgpt.commands.serve_http import PredictBody, ScoreBody
 build_server({str(models['names'])!r}, "cpu", None, 4, 0.0)
 api = PredictAPI({str(models['names'])!r}, None, 4, 0.0, "/predict")
 api.setup("cpu")
