@@ -1,12 +1,16 @@
-"""Load on ``microgpt serve``: C concurrent clients sending 10-name requests, with batching and without.
+"""Load on ``microgpt serve``: C concurrent clients sending 10-name requests, with batching and without, with
+one inference worker or more, answered whole or streamed.
 
     python benchmarks/serve_load.py --ckpt_path best --root_dir runs/names-batched
+    python benchmarks/serve_load.py --ckpt_path best --root_dir runs/names-batched --workers 1 2 --modes json stream
 
-For each server setting (``--max_batch_size 64`` and ``1``) it starts the real server, times the command to the
-first ``GET /health`` that answers 200, warms it up, and then for C = 1, 8, 32 client threads (each with its own
-keep-alive connection) sends the requests and reports requests/s, names/s, p50/p99 latency, the failures, and
-the CPU the clients and the server used (client and server share the machine). The server's resident memory
-(all its processes) is read before the first level and after the last. It ends with the goals, each met or not.
+For each server setting (``--max_batch_size`` 64 and 1, each ``--workers_per_device`` of ``--workers``) it starts
+the real server, times the command to the first ``GET /health`` that answers 200, warms it up, and then for
+C = 1, 8, 32 client threads (each with its own keep-alive connection) and each mode (``json``: the whole answer;
+``stream``: ``"stream": true``, read line by line) sends the requests and reports requests/s, names/s, p50/p99
+latency, the p50 latency to the first name, the failures, and the CPU the clients and the server used (client and
+server share the machine). The server's resident memory (all its processes) is read before the first level and
+after the last. It ends with the goals, each met or not.
 """
 
 import argparse
@@ -62,13 +66,14 @@ def server_rss(sid: int) -> int:
     return sum(p.rss_bytes for p in session_processes(sid))
 
 
-def start_server(ckpt: str, root_dir: str, port: int, max_batch_size: int, batch_timeout: float) -> tuple:
+def start_server(ckpt: str, root_dir: str, port: int, max_batch_size: int, batch_timeout: float,
+                 workers: int = 1) -> tuple:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MICROGPT_API_KEY", None)
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "microgpt", "serve", "--ckpt_path", ckpt, "--root_dir", root_dir,
                              "--port", str(port), "--max_batch_size", str(max_batch_size),
-                             "--batch_timeout", str(batch_timeout)],
+                             "--batch_timeout", str(batch_timeout), "--workers_per_device", str(workers)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     while True:
         if proc.poll() is not None:
@@ -83,23 +88,32 @@ def start_server(ckpt: str, root_dir: str, port: int, max_batch_size: int, batch
         time.sleep(0.02)
 
 
-def run_clients(port: int, clients: int, requests: int, count: int, seed: int) -> dict:
-    """``requests`` POST /predict spread over ``clients`` threads; latencies in seconds and failures."""
-    latencies, failures, lock = [], [], threading.Lock()
+def run_clients(port: int, clients: int, requests: int, count: int, seed: int, stream: bool = False) -> dict:
+    """``requests`` POST /predict spread over ``clients`` threads (``stream``: streamed, read a line at a time);
+    latencies in seconds (to the whole answer, and to its first name) and failures."""
+    latencies, firsts, failures, lock = [], [], [], threading.Lock()
     share = [requests // clients + (i < requests % clients) for i in range(clients)]
 
     def client(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        mine = []
+        mine, first = [], []
         for _ in range(share[i]):
-            body = json.dumps({"count": count, "prefix": rng.choice(PREFIXES), "temperature": 0.8})
+            ask = {"count": count, "prefix": rng.choice(PREFIXES), "temperature": 0.8}
+            body = json.dumps({**ask, "stream": True} if stream else ask)
             t = time.perf_counter()
             try:
                 conn.request("POST", "/predict", body, {"Content-Type": "application/json"})
                 response = conn.getresponse()
-                answer = response.read()
-                ok = response.status == 200 and len(json.loads(answer)["names"]) == count
+                if stream and response.status == 200:
+                    line = response.readline()
+                    first.append(time.perf_counter() - t)
+                    answer = line + response.read()
+                    ok = len([json.loads(x)["name"] for x in answer.splitlines() if x]) == count
+                else:
+                    answer = response.read()
+                    first.append(time.perf_counter() - t)
+                    ok = response.status == 200 and len(json.loads(answer)["names"]) == count
             except (OSError, http.client.HTTPException, ValueError, KeyError) as err:
                 ok, answer = False, repr(err).encode()
                 conn.close()
@@ -110,6 +124,7 @@ def run_clients(port: int, clients: int, requests: int, count: int, seed: int) -
                     failures.append(answer[:200])
         with lock:
             latencies.extend(mine)
+            firsts.extend(first)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     cpu, wall = time.process_time(), time.perf_counter()
@@ -119,9 +134,11 @@ def run_clients(port: int, clients: int, requests: int, count: int, seed: int) -
         t.join()
     wall = time.perf_counter() - wall
     latencies.sort()
-    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+    firsts.sort()
+    pick = lambda q, values=latencies: values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
     return {"requests": requests, "failed": len(failures), "wall": wall, "rps": requests / wall,
             "names_per_s": (requests - len(failures)) * count / wall, "p50": pick(0.5), "p99": pick(0.99),
+            "first_p50": pick(0.5, firsts),
             "client_cpu": (time.process_time() - cpu) / wall, "failures": failures[:3]}
 
 
@@ -135,6 +152,9 @@ def main():
     parser.add_argument("--count", type=int, default=10, help="names per request")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[64, 1], help="--max_batch_size settings")
     parser.add_argument("--batch_timeout", type=float, default=0.005)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="--workers_per_device settings")
+    parser.add_argument("--modes", nargs="+", choices=["json", "stream"], default=["json"],
+                        help="json: whole answers; stream: \"stream\": true, read line by line")
     parser.add_argument("--port", type=int, default=8766)
     args = parser.parse_args()
     if len(args.requests) != len(args.clients):
@@ -142,57 +162,70 @@ def main():
     print(f"checkpoint {args.ckpt_path}; {args.count}-name requests; {os.cpu_count()} CPUs; "
           f"load average before {os.getloadavg()[0]:.1f}")
     rows, figures = [], {}
-    for batch in args.batch_sizes:
-        proc, startup = start_server(args.ckpt_path, args.root_dir, args.port, batch, args.batch_timeout)
+    settings = [(batch, workers) for batch in args.batch_sizes for workers in args.workers]
+    for batch, workers in settings:
+        proc, startup = start_server(args.ckpt_path, args.root_dir, args.port, batch, args.batch_timeout, workers)
         try:
             run_clients(args.port, 4, 100, args.count, seed=99)  # warm-up
             rss_before = server_rss(proc.pid)
-            for clients, requests in zip(args.clients, args.requests):
-                cpu = server_cpu(proc.pid)
-                result = run_clients(args.port, clients, requests, args.count, seed=clients)
-                result["server_cpu"] = (server_cpu(proc.pid) - cpu) / result["wall"]
-                figures[batch, clients] = result
-                rows.append((batch, clients, result))
-                for failure in result["failures"]:
-                    print(f"  failure (batch {batch}, {clients} clients): {failure!r}")
+            for mode in args.modes:
+                for clients, requests in zip(args.clients, args.requests):
+                    cpu = server_cpu(proc.pid)
+                    result = run_clients(args.port, clients, requests, args.count, seed=clients,
+                                         stream=mode == "stream")
+                    result["server_cpu"] = (server_cpu(proc.pid) - cpu) / result["wall"]
+                    figures[batch, workers, mode, clients] = result
+                    rows.append((batch, workers, mode, clients, result))
+                    for failure in result["failures"]:
+                        print(f"  failure (batch {batch}, {workers} workers, {mode}, {clients} clients): {failure!r}")
             rss_after = server_rss(proc.pid)
-            figures[batch, "memory"] = (rss_before, rss_after, startup)
+            figures[batch, workers, "memory"] = (rss_before, rss_after, startup)
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
         time.sleep(1)
 
     print()
-    print("| max_batch_size | clients | requests | failed | requests/s | names/s | p50 ms | p99 ms | client CPU | server CPU |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for batch, clients, r in rows:
-        print(f"| {batch} | {clients} | {r['requests']} | {r['failed']} | {r['rps']:.0f} | {r['names_per_s']:.0f} | "
-              f"{r['p50'] * 1e3:.1f} | {r['p99'] * 1e3:.1f} | {r['client_cpu']:.0%} | {r['server_cpu']:.0%} |")
+    print("| max_batch_size | workers | mode | clients | requests | failed | requests/s | names/s | p50 ms | p99 ms "
+          "| first name p50 ms | client CPU | server CPU |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for batch, workers, mode, clients, r in rows:
+        print(f"| {batch} | {workers} | {mode} | {clients} | {r['requests']} | {r['failed']} | {r['rps']:.0f} | "
+              f"{r['names_per_s']:.0f} | {r['p50'] * 1e3:.1f} | {r['p99'] * 1e3:.1f} | {r['first_p50'] * 1e3:.1f} | "
+              f"{r['client_cpu']:.0%} | {r['server_cpu']:.0%} |")
     print()
-    for batch in args.batch_sizes:
-        before, after, startup = figures[batch, "memory"]
-        print(f"max_batch_size {batch}: ready {startup:.2f} s after the command; resident memory (all server "
-              f"processes) {before / 2**20:.0f} MiB before, {after / 2**20:.0f} MiB after "
+    for batch, workers in settings:
+        before, after, startup = figures[batch, workers, "memory"]
+        print(f"max_batch_size {batch}, {workers} worker(s): ready {startup:.2f} s after the command; resident memory "
+              f"(all server processes) {before / 2**20:.0f} MiB before, {after / 2**20:.0f} MiB after "
               f"({(after - before) / before:+.1%})")
     most, eight = max(args.clients), 8
-    batched, single = max(args.batch_sizes), min(args.batch_sizes)
-    if (batched, most) in figures and (single, most) in figures:
-        speedup = figures[batched, most]["rps"] / figures[single, most]["rps"]
-        before, after, _ = figures[batched, "memory"]
-        goals = [
-            (f"no failed request at {most} clients", figures[batched, most]["failed"] == 0
-             and figures[single, most]["failed"] == 0, (f"{figures[batched, most]['failed']} + "
-                                                        f"{figures[single, most]['failed']} of "
-                                                        f"{figures[batched, most]['requests']}")),
+    batched, single, one, mode = max(args.batch_sizes), min(args.batch_sizes), min(args.workers), args.modes[0]
+    goals = []
+    if (batched, one, mode, most) in figures and (single, one, mode, most) in figures:
+        b, s1 = figures[batched, one, mode, most], figures[single, one, mode, most]
+        speedup = b["rps"] / s1["rps"]
+        before, after, _ = figures[batched, one, "memory"]
+        goals += [
+            (f"no failed request at {most} clients", b["failed"] == 0 and s1["failed"] == 0,
+             f"{b['failed']} + {s1['failed']} of {b['requests']}"),
             (f"batching >= 3x the requests/s of none at {most} clients", speedup >= 3, f"{speedup:.1f}x"),
             ("resident memory grows < 10%", (after - before) / before < 0.10, f"{(after - before) / before:+.1%}"),
         ]
-        if (batched, eight) in figures:
-            p99 = figures[batched, eight]["p99"] * 1e3
+        if (batched, one, mode, eight) in figures:
+            p99 = figures[batched, one, mode, eight]["p99"] * 1e3
             goals.append((f"p99 < 100 ms at {eight} clients (batching)", p99 < 100, f"{p99:.1f} ms"))
+    more = max(args.workers)
+    if more > one and (batched, more, mode, most) in figures and (batched, one, mode, most) in figures:
+        ratio = figures[batched, more, mode, most]["rps"] / figures[batched, one, mode, most]["rps"]
+        goals.append((f"{more} workers serve more requests/s than {one} at {most} clients", ratio > 1, f"{ratio:.2f}x"))
+    if "stream" in args.modes:
+        failed = sum(r["failed"] for _, _, m, _, r in rows if m == "stream")
+        goals.append(("no failed streamed request", failed == 0, f"{failed} failed"))
+    if goals:
         print()
-        for goal, met, figure in goals:
-            print(f"goal: {goal}: {'met' if met else 'NOT met'} ({figure})")
+    for goal, met, figure in goals:
+        print(f"goal: {goal}: {'met' if met else 'NOT met'} ({figure})")
     print(f"load average after {os.getloadavg()[0]:.1f}")
 
 

@@ -332,7 +332,7 @@ def plain_script(names: Path, steps: int = 500, batch_size: int = 1, n_embd: int
         x, y = batch(val)
         nll = F.cross_entropy(gpt(x).flatten(0, 1), y.flatten(), ignore_index=-100)
     print(f"val loss {float(nll):.4f}")
-    for i, ids in enumerate(generate(gpt, [SampleRequest([bos], 20, 0.5)], bos)[0], 1):
+    for i, ids in enumerate(generate(gpt, [SampleRequest([bos], 20, 0.5)], bos)[0].tokens, 1):
         print(f"sample {i:2d}: {''.join(chars[t] for t in ids)}")
     torch.save(gpt.state_dict(), "plain_seed.pt")
 

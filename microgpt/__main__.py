@@ -55,6 +55,10 @@ def main() -> None:
                     raise
                 raise UserError("serving needs LitServe: pip install 'litserve>=0.2.19'") from None
         serve_main(sys.argv[2:])
+    elif command == ["export"]:
+        from microgpt.commands.export import main as export_main
+
+        export_main(sys.argv[2:])
     else:
         from microgpt.commands.cli import main as cli_main
 

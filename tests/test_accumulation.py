@@ -13,9 +13,9 @@ from helpers.names_reference import split_names
 
 from microgpt.commands.cli import main
 from microgpt.data.datamodule import NamesDataModule
+from microgpt.data.rows import IGNORE_INDEX
 from microgpt.training.module import MicroGPT
 from microgpt.training.optimizers import WarmupCosine
-from microgpt.data.rows import IGNORE_INDEX
 
 
 class MeanOfMeans(MicroGPT):

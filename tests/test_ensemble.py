@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from microgpt.commands.cli import main
 from microgpt.checkpoints.loading import load_model
-from microgpt.model.gpt import GPT, Ensemble
+from microgpt.commands.cli import main
 from microgpt.commands.sample import main as sample_main
+from microgpt.model.gpt import GPT, Ensemble
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "names.yaml")

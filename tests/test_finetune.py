@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from conftest import error_line
 
+from microgpt.checkpoints.loading import load_model
 from microgpt.commands import sample
 from microgpt.commands.cli import main
-from microgpt.checkpoints.loading import load_model
+from microgpt.data.rows import IGNORE_INDEX
 from microgpt.model.gpt import GPT
 from microgpt.training.module import MicroGPT
-from microgpt.data.rows import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "names.yaml")

@@ -11,9 +11,9 @@ from helpers.names_reference import padded_rows, split_names
 from microgpt.callbacks import novelty
 from microgpt.data.datamodule import NamesDataModule
 from microgpt.errors import UserError
+from microgpt.model.tokenizer import CharTokenizer
 from microgpt.training.module import MicroGPT
 from microgpt.training.optimizers import WarmupCosine
-from microgpt.model.tokenizer import CharTokenizer
 
 
 def trained_looking_model(vocab="abcde", seed=0, **kw):

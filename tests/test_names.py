@@ -3,6 +3,7 @@ each name's log-probability; checked against exact probabilities found by enumer
 ``predict`` and ``serve``."""
 
 import itertools
+import json
 import math
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.serving import ROOT, Server, post
+from helpers.serving import ROOT, Server, post, request
 
 from microgpt.checkpoints.loading import load_model
 from microgpt.commands.cli import main as cli_main
@@ -293,6 +294,20 @@ def test_serve_takes_the_options_and_draws_what_sample_draws(run, server):
     with ThreadPoolExecutor(8) as pool:  # the same request in the middle of a batch
         answers = list(pool.map(lambda body: post(url, body), [*others, mine, *others]))
     assert answers[len(others)] == (200, body)
+    # streamed, a name is sent once kept: the same names, in the same order, each with its log-probability
+    status, lines, headers = request(url, json.dumps({**mine, "stream": True}).encode(),
+                                     {"Content-Type": "application/json"}, "POST")
+    assert status == 200 and headers["content-type"].startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in lines.decode().splitlines()]
+    assert [line["name"] for line in lines] == body["names"] and {line["kind"] for line in lines} == {"new"}
+    assert [line["logprob"] for line in lines] == pytest.approx(body["logprobs"], abs=1e-6)
+    short = {"prefix": "ann", "max_length": 4, "only_new": True, "unique": True, "count": 50, "seed": 2}
+    status, answer = post(url, short)
+    _, lines, _ = request(url, json.dumps({**short, "stream": True}).encode(), {"Content-Type": "application/json"},
+                          "POST")
+    lines = [json.loads(line) for line in lines.decode().splitlines()]
+    assert "found only" in answer["message"] and lines[-1] == {"message": answer["message"]}
+    assert [line["name"] for line in lines[:-1]] == answer["names"]
     status, body = post(url, {"likeliest": 4, "prefix": "a", "max_length": 4})
     likeliest = draw(gpt, tokenizer, NameOptions(prefix="a", max_length=4, likeliest=4))
     assert status == 200 and body["names"] == likeliest.names
@@ -332,7 +347,7 @@ def test_the_page_offers_the_options_and_marks_each_name(run, server):
         browser.find_element(By.ID, "only_new").click()
         browser.find_element(By.ID, "go").click()
         items = lambda: browser.find_elements(By.CSS_SELECTOR, "#names li")
-        WebDriverWait(browser, 20).until(lambda b: items())
+        WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "status").text == "6 names")
         _, body = post(server.url + "/predict", {"count": 6, "seed": 5, "min_length": 3, "max_length": 5,
                                                  "only_new": True, "temperature": 0.5})
         assert [li.get_attribute("textContent") for li in items()] == body["names"]

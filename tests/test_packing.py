@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from helpers.names_reference import padded_batch, padded_rows, rows_of, split_names
 from test_fidelity import RecordLosses
 
-from microgpt.data.batches import first_fit, packed_batch
 from microgpt.commands.cli import main
+from microgpt.data.batches import first_fit, packed_batch
 from microgpt.data.datamodule import NamesDataModule
-from microgpt.model.gpt import GPT
 from microgpt.data.rows import IGNORE_INDEX
+from microgpt.model.gpt import GPT
 from microgpt.model.tokenizer import CharTokenizer
 
 BATCHED = str(Path(__file__).resolve().parents[1] / "configs" / "names-batched.yaml")

@@ -9,8 +9,8 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import CSVLogger
 from helpers.sampling_reference import drawn_by_hand
+from lightning.pytorch.loggers import CSVLogger
 
 from microgpt.callbacks import SampleNames
 from microgpt.commands.cli import main

@@ -2,7 +2,6 @@
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.serving import ROOT, Server, get, live_session_processes, post, serve_env
+from helpers.serving import ROOT, Server, get, headless_chromium, live_session_processes, post, serve_env
 
-from microgpt.commands.cli import main as cli_main
 from microgpt.checkpoints.loading import load_model
+from microgpt.commands.cli import main as cli_main
 from microgpt.commands.sample import sample_names
 
 CONFIG = str(ROOT / "configs" / "names.yaml")
@@ -82,8 +81,10 @@ BAD_PREDICTS = [
     ({"prefix": 12}, None, 422, ["body", "prefix"], "string"),
     ({"prefix": "abcdefgh"}, None, 422, ["body", "prefix"], "holds 7 after the start token"),
     ({"prefix": "mA<"}, None, 422, ["body", "prefix"], "never seen: 'A<'"),
-    ({"temperature": 0}, None, 422, ["body", "temperature"], "greater than 0"),
-    ({"temperature": -1.5}, None, 422, ["body", "temperature"], "greater than 0"),
+    ({"temperature": 0}, None, 422, ["body", "temperature"], "greater than or equal to 0.001"),
+    ({"temperature": -1.5}, None, 422, ["body", "temperature"], "greater than or equal to 0.001"),
+    ({"temperature": 101}, None, 422, ["body", "temperature"], "less than or equal to 100"),
+    ({"stream": "yes"}, None, 422, ["body", "stream"], "boolean"),
     (None, b'{"temperature": NaN}', 422, ["body", "temperature"], "finite"),
     ({"top_p": 0}, None, 422, ["body", "top_p"], "greater than 0"),
     ({"top_p": 1.01}, None, 422, ["body", "top_p"], "less than or equal to 1"),
@@ -107,9 +108,12 @@ def test_bad_predict_is_a_4xx_naming_the_field_and_the_server_keeps_serving(serv
 
 def test_oversized_body_missing_or_wrong_key_and_bad_score(servers):
     url = servers["keyed"].url
-    status, body = post(url + "/score", {"names": ["a" * 70_000]}, key=KEY)
+    status, body = post(url + "/score", {"names": ["a" * 1_100_000]}, key=KEY)
     assert status == 413 and "too large" in body["detail"]
-    assert post(url + "/score", {"names": ["a" * 60_000]}, key=KEY)[0] == 200  # under 64 KB
+    assert post(url + "/score", {"names": ["a" * 101]}, key=KEY)[0] == 422  # over 100 characters
+    # the most the schema allows, every character escaped to 6 bytes (600 KB), is under the 1 MiB limit
+    most = ('{"names": [' + ", ".join(['"' + "\\u0061" * 100 + '"'] * 1000) + "]}").encode()
+    assert post(url + "/score", raw=most, key=KEY)[0] == 200
     for key in (None, "wrong"):
         for path in ("/predict", "/score"):
             status, body = post(url + path, {"names": ["emma"]} if path == "/score" else {}, key=key)
@@ -204,12 +208,15 @@ def test_without_litserve_serve_says_what_to_install():
 def test_serving_never_imports_lightning(models):
     """What the serving processes run, in a fresh interpreter: build the server, and do a worker's work."""
     code = f"""
-import sys
-from microgpt.commands.serve import PredictAPI, PredictBody, ScoreAPI, ScoreBody, build_server
+import json, sys
+from microgpt.commands.serve import build_server
+from microgpt.commands.serve_apis import PredictAPI, ScoreAPI
+from microgpt.commands.serve_http import PredictBody, ScoreBody
 build_server({str(models['names'])!r}, "cpu", None, 4, 0.0)
 api = PredictAPI({str(models['names'])!r}, None, 4, 0.0, "/predict")
 api.setup("cpu")
-print(api.encode_response(api.predict([api.decode_request(PredictBody(count=3, prefix="a", top_p=0.5))])[0]))
+pieces = [p[0] for p in api.encode_response(api.predict([api.decode_request(PredictBody(count=3, prefix="a"))]))]
+print("".join(json.loads(p)["data"] for p in pieces[1:] if p))  # after the head line, the framed body
 score = ScoreAPI({str(models['names'])!r}, None, 1, 0.0, "/score")
 score.setup("cpu")
 print(score.encode_response(score.predict(score.decode_request(ScoreBody(names=["emma"])))))
@@ -219,32 +226,13 @@ print(sorted(m for m in sys.modules if m.split(".")[0] == "lightning" or m.start
                             env=serve_env(), timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[0].startswith("{'names': ['a") and lines[1].startswith("{'nll': [")
+    assert lines[0].startswith('{"names": ["a') and lines[1].startswith("{'nll': [")
     assert lines[-1] == "[]"
 
 
 @pytest.fixture(scope="module")
 def browser():
-    """Headless Chromium from the system packages, driven by Selenium; skipped only where it is not installed
-    outside CI (.ci/run installs it, so CI never skips)."""
-    chromium, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        if os.environ.get("CI"):
-            pytest.fail("the browser test needs chromium and chromium-driver, which .ci/run installs")
-        pytest.skip("headless Chromium is not installed here")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,800"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    chrome = webdriver.Chrome(options=options, service=Service(driver))
-    try:
-        yield chrome
-    finally:
-        chrome.quit()
+    yield from headless_chromium()
 
 
 def invent(browser, prefix: str, count: int = 12) -> list[str]:
@@ -258,7 +246,8 @@ def invent(browser, prefix: str, count: int = 12) -> list[str]:
         browser.find_element(By.ID, field).send_keys(value)
     browser.find_element(By.ID, "go").click()
     WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#names li") and (
-        not old or old[0] not in b.find_elements(By.CSS_SELECTOR, "#names li")))
+        not old or old[0] not in b.find_elements(By.CSS_SELECTOR, "#names li"))
+        and b.find_element(By.ID, "status").text == f"{count} names")  # streamed: every name has arrived
     return [li.get_attribute("textContent") for li in browser.find_elements(By.CSS_SELECTOR, "#names li")]
 
 

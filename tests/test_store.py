@@ -14,14 +14,14 @@ import torch
 from conftest import same_batch
 from helpers.names_reference import padded_batch, split_names, train_batches
 
-from microgpt.data import store as store_module
-from microgpt.data.batches import EvalBatches, TrainBatches
 from microgpt.callbacks import novelty
 from microgpt.commands.cli import main
+from microgpt.data import store as store_module
+from microgpt.data.batches import EvalBatches, TrainBatches
 from microgpt.data.datamodule import NamesDataModule
-from microgpt.errors import UserError
 from microgpt.data.split import NamesSplit
 from microgpt.data.store import TokenStore, names_among, read_chunks, scan, seeded_order
+from microgpt.errors import UserError
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "names-batched.yaml")
 

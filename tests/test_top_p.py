@@ -8,13 +8,13 @@ import torch
 
 from microgpt.callbacks import SampleNames
 from microgpt.checkpoints.io import FORMAT, FORMAT_KEY
+from microgpt.commands.sample import main as sample_main
+from microgpt.commands.sample import sample_names
 from microgpt.data.datamodule import NamesDataModule
 from microgpt.errors import UserError
 from microgpt.model.gpt import GPT
-from microgpt.training.module import MicroGPT
 from microgpt.model.sampling import SampleRequest, generate, keep_top_p
-from microgpt.commands.sample import main as sample_main
-from microgpt.commands.sample import sample_names
+from microgpt.training.module import MicroGPT
 
 PROBS = [0.05, 0.3, 0.12, 0.2, 0.25, 0.08]  # token i has probability PROBS[i]
 

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from microgpt.data.batches import EvalBatches, TrainBatches
-from microgpt.errors import UserError
 from microgpt.data.known import STATE_KEY, KnownNames
 from microgpt.data.split import NamesSplit
 from microgpt.data.store import default_cache_dir
+from microgpt.errors import UserError
 from microgpt.model.names import NameOptions, options_problem
 from microgpt.model.tokenizer import CharTokenizer
 

@@ -54,7 +54,8 @@ class KnownNames:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> KnownNames | None:
-        return cls.from_checkpoint(load_checkpoint(path))
+        """The names stored in a checkpoint file; None for one without them, and for a folder ``export`` wrote."""
+        return None if os.path.isdir(path) else cls.from_checkpoint(load_checkpoint(path))
 
     def kind(self, name: str) -> Kind | None:
         """``"training"``, ``"held-out"``, or None for a new name. Two different names share a 64-bit hash with

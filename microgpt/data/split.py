@@ -8,9 +8,18 @@ from pathlib import Path
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 
-from microgpt.errors import UserError
 from microgpt.data.rows import NameRows
-from microgpt.data.store import TokenStore, chunks, ensure_store, names_among, open_store, scan, seeded_order, store_path
+from microgpt.data.store import (
+    TokenStore,
+    chunks,
+    ensure_store,
+    names_among,
+    open_store,
+    scan,
+    seeded_order,
+    store_path,
+)
+from microgpt.errors import UserError
 from microgpt.model.tokenizer import CharTokenizer
 
 

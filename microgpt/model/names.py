@@ -6,6 +6,7 @@ likeliest names, and each name's log-probability. The settings are checked here,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -13,7 +14,7 @@ import torch
 
 from microgpt.errors import UserError
 from microgpt.model.gpt import GPT, Ensemble
-from microgpt.model.sampling import MAX_EXPANDED, SampleRequest, generate, likeliest, sampling_problem
+from microgpt.model.sampling import MAX_EXPANDED, Drawing, SampleRequest, likeliest, sampling_problem
 from microgpt.model.tokenizer import CharTokenizer
 
 LIKELIEST_MAX = 1000  # names one --likeliest search returns at most
@@ -112,38 +113,70 @@ class Names:
 
 def draw_names(model: GPT | Ensemble, tokenizer: CharTokenizer,
                jobs: list[tuple[NameOptions, torch.Generator | None]], known: Known | None = None) -> list[Names]:
-    """The names of every ``(options, generator)`` job, the draws of all of them in one batch of rows
-    (``microgpt.model.sampling.generate``), each with its own random numbers: a seeded job gets the same names
-    alone or among others. The options must have passed ``options_problem``. ``model`` is in eval mode for the draw.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        out: list[Names | None] = [None] * len(jobs)
-        requests, drawn_jobs = [], []
-        for i, (o, generator) in enumerate(jobs):
-            refuse = refusal(tokenizer, o.prefix, known) if o.only_new else None
-            prompt = [tokenizer.bos, *tokenizer.encode(o.prefix)]
-            lengths = o.lengths(model.block_size)
-            if o.likeliest is not None:
-                found = likeliest(model, prompt, tokenizer.bos, o.likeliest, lengths, refuse)
-                out[i] = Names([o.prefix + tokenizer.decode(t) for t in found.tokens], found.logprobs,
-                               likeliest_shortfall(o, len(found.tokens), found.exhausted))
-                continue
-            requests.append(SampleRequest(prompt, o.count, o.temperature, o.top_k, o.top_p, generator, lengths,
-                                          o.unique, refuse))
-            drawn_jobs.append(i)
-        for i, drawn in zip(drawn_jobs, generate(model, requests, tokenizer.bos)):
-            o = jobs[i][0]
-            names = [o.prefix + tokenizer.decode(t) for t in drawn.tokens]
-            short = None
-            if len(names) < o.count:
-                short = (f"found only {len(names)} of {o.count} names {wanted(o)} in {drawn.tries:,} draws; "
-                         "ask for fewer, or loosen the settings.")
-            out[i] = Names(names, drawn.logprobs, short)
-        return out
-    finally:
-        model.train(was_training)
+    """The names of every ``(options, generator)`` job, the draws of all of them in one batch of rows, each with
+    its own random numbers: a seeded job gets the same names alone or among others (``NameStream``, once over).
+    The options must have passed ``options_problem``."""
+    stream = NameStream(model, tokenizer, jobs, known)
+    for _ in stream:
+        pass
+    return stream.results
+
+
+class NameStream:
+    """The names of every ``(options, generator)`` job, drawn in one batch of rows (``microgpt.model.sampling``)
+    and given out as each is kept: iterating yields, after every step, the ``(job, index, name, logprob)`` of the
+    names kept in it (possibly none), ``index`` being the name's place in its job's ``Names``; ``results`` holds
+    every job's ``Names`` once the iteration is over. The likeliest names come all at once, at the first step.
+    ``cancelled()`` names jobs to drop (see ``microgpt.model.sampling.Drawing``). The options must have passed
+    ``options_problem``. ``model`` is in eval mode while it draws."""
+
+    def __init__(self, model: GPT | Ensemble, tokenizer: CharTokenizer,
+                 jobs: list[tuple[NameOptions, torch.Generator | None]], known: Known | None = None,
+                 cancelled: Callable[[], set[int]] | None = None):
+        self.model, self.tokenizer, self.jobs, self.known, self.cancelled = model, tokenizer, jobs, known, cancelled
+        self.results: list[Names | None] = [None] * len(jobs)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, str, float]]]:
+        model, tokenizer, jobs = self.model, self.tokenizer, self.jobs
+        was_training = model.training
+        model.eval()
+        try:
+            requests, drawn_jobs, first = [], [], []
+            for i, (o, generator) in enumerate(jobs):
+                refuse = refusal(tokenizer, o.prefix, self.known) if o.only_new else None
+                prompt = [tokenizer.bos, *tokenizer.encode(o.prefix)]
+                lengths = o.lengths(model.block_size)
+                if o.likeliest is not None:
+                    found = likeliest(model, prompt, tokenizer.bos, o.likeliest, lengths, refuse)
+                    names = [o.prefix + tokenizer.decode(t) for t in found.tokens]
+                    self.results[i] = Names(names, found.logprobs, likeliest_shortfall(o, len(names), found.exhausted))
+                    first.extend((i, k, name, lp) for k, (name, lp) in enumerate(zip(names, found.logprobs)))
+                    continue
+                requests.append(SampleRequest(prompt, o.count, o.temperature, o.top_k, o.top_p, generator, lengths,
+                                              o.unique, refuse))
+                drawn_jobs.append(i)
+            if first:
+                yield first
+            drawing = Drawing(model, requests, tokenizer.bos,
+                              cancelled=None if self.cancelled is None else lambda: self.dropped(drawn_jobs))
+            for kept in drawing:
+                yield [(drawn_jobs[k], index, jobs[drawn_jobs[k]][0].prefix + tokenizer.decode(tokens), logprob)
+                       for k, index, tokens, logprob in kept]
+            for i, drawn in zip(drawn_jobs, drawing.found):
+                o = jobs[i][0]
+                names = [o.prefix + tokenizer.decode(t) for t in drawn.tokens if t is not None]
+                short = None
+                if len(names) < o.count:
+                    short = (f"found only {len(names)} of {o.count} names {wanted(o)} in {drawn.tries:,} draws; "
+                             "ask for fewer, or loosen the settings.")
+                self.results[i] = Names(names, [lp for lp in drawn.logprobs if lp is not None], short)
+        finally:
+            model.train(was_training)
+
+    def dropped(self, drawn_jobs: list[int]) -> set[int]:
+        """The cancelled jobs, by their place among the drawn ones."""
+        gone = set(self.cancelled())
+        return {k for k, i in enumerate(drawn_jobs) if i in gone}
 
 
 def invent(model: GPT | Ensemble, tokenizer: CharTokenizer, options: NameOptions,

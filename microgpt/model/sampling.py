@@ -1,15 +1,17 @@
 """Drawing continuations from a GPT (or an Ensemble): the one sampling loop of microgpt. Torch only.
 
-``generate`` takes a list of ``SampleRequest``s, each with its own prompt, count, temperature, top-k, top-p
-and random numbers, and draws every continuation of every request together, one forward pass per step for
-all rows. ``sample``, ``predict``, the sampling callback and ``serve`` all draw through it.
+``stream_rows`` is the one loop that draws characters: it takes a list of ``SampleRequest``s, each with its own
+prompt, count, temperature, top-k, top-p and random numbers, draws every continuation of every request
+together, one forward pass per step for all rows, and gives each out as it ends. ``Drawing`` adds rounds of
+redraws for the requests that turn draws down, and ``generate`` collects what it keeps. ``sample``,
+``predict``, the sampling callback and ``serve`` (streamed or not) all draw through them.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -83,41 +85,88 @@ ROUND_ROWS = 2048  # rows a request adds to a round of redraws at most
 @torch.no_grad()
 def generate(model: GPT | Ensemble, requests: list[SampleRequest], end_token: int,
              max_new_tokens: int | None = None) -> list[Drawn]:
-    """Every continuation of every request, drawn together: see ``draw_rows`` for one round of drawing.
+    """Every continuation of every request, drawn together: what a ``Drawing`` of them keeps, once it is over."""
+    drawing = Drawing(model, requests, end_token, max_new_tokens)
+    for _ in drawing:
+        pass
+    return drawing.found
+
+
+class Drawing:
+    """Every continuation of every request, drawn together, given out as each is kept: iterating yields, after
+    every step of drawing, the ``(request, index, tokens, logprob)`` of the continuations kept in it (possibly
+    none), ``index`` being its place among its request's continuations; ``found`` holds them all (for each
+    request, ``Drawn``) when the iteration is over.
 
     A request that turns some draws down (``lengths``, ``unique``, ``refuse``) keeps the ones it takes, in the
-    order drawn, and draws again in further rounds until it has ``count`` or has drawn ``max_tries``. Turning
-    down a draw from the model's distribution and drawing again is exact rejection sampling: the names it keeps
-    follow the model's distribution conditioned on being taken (a length range, new, not yet drawn). The
-    first round draws ``count`` rows, so a request that takes every draw gets exactly one round, the draws it
-    always got; a round's size depends only on the request's own draws so far, so a seeded request gets the
-    same continuations whatever else is in the batch.
+    order of its rows, and draws again in further rounds until it has ``count`` or has drawn ``max_tries``.
+    Turning down a draw from the model's distribution and drawing again is exact rejection sampling: the names
+    it keeps follow the model's distribution conditioned on being taken (a length range, new, not yet drawn).
+    The first round draws ``count`` rows, so a request that takes every draw gets exactly one round, the draws
+    it always got; a round's size depends only on the request's own draws so far, so a seeded request gets the
+    same continuations whatever else is in the batch. Such a request's continuation is given out once every row
+    before it has ended, so a stream keeps what a whole round keeps; one that takes every draw gives each out
+    as it ends.
+
+    ``cancelled()``, called before each step, names requests (by position in ``requests``) to drop: their rows
+    leave the batch at once and they draw nothing more; the others draw exactly what they would have drawn.
     """
-    if not requests:
-        return []
-    for r in requests:
-        if r.count < 1 or not r.prompt:
-            raise ValueError("every request needs a prompt and a positive count.")
-        if problem := sampling_problem(r.temperature, r.top_k, r.top_p):
-            raise ValueError(problem)
-        if r.lengths is not None and not 0 <= r.lengths[0] <= r.lengths[1]:
-            raise ValueError(f"lengths must be (fewest, most) with 0 <= fewest <= most, got {r.lengths}.")
-    found: list[Drawn] = [Drawn([], [], 0) for _ in requests]
-    seen: list[set[tuple[int, ...]]] = [set() for _ in requests]
-    rows = [r.count for r in requests]
-    while True:
-        active = [i for i, n in enumerate(rows) if n > 0]
-        if not active:
-            return found
-        rounds = draw_rows(model, [replace(requests[i], count=rows[i]) for i in active], end_token, max_new_tokens)
-        for i, (tokens, logprobs, ended) in zip(active, rounds):
-            r, got = requests[i], found[i]
-            for continuation, logprob, end in zip(tokens, logprobs, ended):
-                if len(got.tokens) < r.count and takes(r, continuation, end, seen[i]):
-                    got.tokens.append(continuation)
-                    got.logprobs.append(logprob)
-            got.tries += rows[i]
-            rows[i] = next_round(r, len(got.tokens), got.tries)
+
+    def __init__(self, model: GPT | Ensemble, requests: list[SampleRequest], end_token: int,
+                 max_new_tokens: int | None = None, cancelled: Callable[[], set[int]] | None = None):
+        for r in requests:
+            if r.count < 1 or not r.prompt:
+                raise ValueError("every request needs a prompt and a positive count.")
+            if problem := sampling_problem(r.temperature, r.top_k, r.top_p):
+                raise ValueError(problem)
+            if r.lengths is not None and not 0 <= r.lengths[0] <= r.lengths[1]:
+                raise ValueError(f"lengths must be (fewest, most) with 0 <= fewest <= most, got {r.lengths}.")
+        self.model, self.requests, self.end_token, self.max_new_tokens = model, requests, end_token, max_new_tokens
+        self.cancelled = cancelled
+        # a request that takes every draw fills its rows' places as they end, in any order
+        self.found = [Drawn([], [], 0) if r.selective else Drawn([None] * r.count, [None] * r.count, 0)
+                      for r in requests]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, list[int], float]]]:
+        requests, found = self.requests, self.found
+        seen: list[set[tuple[int, ...]]] = [set() for _ in requests]
+        rows = [r.count for r in requests]
+        gone: set[int] = set()
+        while True:
+            active = [i for i, n in enumerate(rows) if n > 0 and i not in gone]
+            if not active:
+                return
+
+            def dropped(active: list[int] = active) -> set[int]:  # this round's cancelled requests, by place in it
+                gone.update(set(self.cancelled()) & set(active))
+                return {k for k, i in enumerate(active) if i in gone}
+
+            waiting: dict[int, dict[int, tuple[list[int], float, bool]]] = {i: {} for i in active}
+            decided = dict.fromkeys(active, 0)  # a selective request's rows before this one are decided
+            round_requests = [replace(requests[i], count=rows[i]) for i in active]
+            for finished in stream_rows(self.model, round_requests, self.end_token, self.max_new_tokens,
+                                        dropped if self.cancelled is not None else None):
+                kept = []
+                for k, row, tokens, logprob, ended in finished:
+                    i = active[k]
+                    r, got = requests[i], found[i]
+                    if not r.selective:
+                        got.tokens[row], got.logprobs[row] = tokens, logprob
+                        kept.append((i, row, tokens, logprob))
+                        continue
+                    waiting[i][row] = tokens, logprob, ended
+                    while decided[i] in waiting[i]:
+                        tokens, logprob, ended = waiting[i].pop(decided[i])
+                        decided[i] += 1
+                        if len(got.tokens) < r.count and takes(r, tokens, ended, seen[i]):
+                            got.tokens.append(tokens)
+                            got.logprobs.append(logprob)
+                            kept.append((i, len(got.tokens) - 1, tokens, logprob))
+                yield kept
+            for i in active:
+                if i not in gone:
+                    found[i].tries += rows[i]
+                    rows[i] = next_round(requests[i], len(found[i].tokens), found[i].tries)
 
 
 def takes(request: SampleRequest, continuation: list[int], ended: bool, seen: set[tuple[int, ...]]) -> bool:
@@ -143,13 +192,18 @@ def next_round(request: SampleRequest, kept: int, tries: int) -> int:
 
 
 @torch.no_grad()
-def draw_rows(model: GPT | Ensemble, requests: list[SampleRequest], end_token: int,
-              max_new_tokens: int | None = None) -> list[tuple[list[list[int]], list[float], list[bool]]]:
-    """One round: ``count`` continuations of every request, drawn together, each with its log-probability and
-    whether it ended (drew ``end_token``) rather than being cut.
+def stream_rows(model: GPT | Ensemble, requests: list[SampleRequest], end_token: int,
+                max_new_tokens: int | None = None, cancelled: Callable[[], set[int]] | None = None,
+                ) -> Iterator[list[tuple[int, int, list[int], float, bool]]]:
+    """One round: ``count`` continuations of every request, drawn together, the one loop that draws characters.
+    After every step it yields the ``(request, row, tokens, logprob, ended)`` of the rows that finished in it
+    (possibly none): the new tokens without the end, the natural log of the model's probability of them given
+    the prompt (at temperature 1 with no cut; the end included when it ended), and whether the row drew
+    ``end_token`` rather than being cut. Before each step, ``cancelled()`` names requests (by position in
+    ``requests``) to drop: their rows leave every per-row tensor and the caches, and they draw nothing more.
 
     Each step draws one token for every row of a request with one ``torch.multinomial`` over the request's
-    (count, vocabulary) block, from the softmax of the logits divided by its temperature, keeping only its
+    (rows, vocabulary) block, from the softmax of the logits divided by its temperature, keeping only its
     ``top_k`` likeliest tokens when given, then only the smallest set of likeliest tokens whose probability
     reaches its ``top_p`` (nucleus sampling). A request with a generator draws from it alone, so a seeded
     request gets the same tokens whatever else is in the batch (up to float rounding of the logits, which may
@@ -164,17 +218,19 @@ def draw_rows(model: GPT | Ensemble, requests: list[SampleRequest], end_token: i
     one position; once the rows outgrow the context, each step re-reads the last ``block_size`` tokens, as
     the model was trained.
     """
+    if not requests:
+        return
     default_most = model.block_size if max_new_tokens is None else max_new_tokens
     most = [default_most if r.lengths is None else r.lengths[1] + 1 for r in requests]
     device = next(model.parameters()).device
     counts = [r.count for r in requests]
-    bounds = [0, *torch.tensor(counts).cumsum(0).tolist()]
-    repeat = torch.tensor(counts, device=device)
-    per_row = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device).repeat_interleave(repeat)[:, None]
+    members = list(range(len(requests)))  # the requests whose rows are in the batch, in row order
+    per_row = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device).repeat_interleave(
+        torch.tensor(counts, device=device))[:, None]
     width = max(len(r.prompt) for r in requests)
     common = min(len(r.prompt) for r in requests)  # positions every row reads from its prompt
     prompts = torch.tensor([r.prompt + [end_token] * (width - len(r.prompt)) for r in requests], device=device)
-    prompts = prompts.repeat_interleave(repeat, dim=0)
+    prompts = prompts.repeat_interleave(torch.tensor(counts, device=device), dim=0)
     caches = model.new_caches(len(prompts))
     context = prompts[:, :common][:, -model.block_size:]
     logits = model(context, caches)[:, -1]
@@ -188,36 +244,67 @@ def draw_rows(model: GPT | Ensemble, requests: list[SampleRequest], end_token: i
     draws = [0] * len(requests)
     done = [False] * len(requests)
     ended = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    sent = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # rows already given out
     logprob = torch.zeros(len(prompts), device=device)
-    owner = torch.arange(len(requests), device=device).repeat_interleave(repeat)  # each row's request
-    history = []  # the token of every row at positions common, common + 1, ...: its prompt's, then its draws
+    history = prompts[:, :0]  # the token of every row at positions common, common + 1, ...: its prompt's, then its draws
     position = common
     while True:
+        dropped = set(cancelled()) & set(members) if cancelled is not None else set()
+        if dropped:  # take the cancelled requests' rows out of every per-row tensor and the caches
+            keep = torch.tensor(rows_of(members, counts, set(members) - dropped), dtype=torch.long, device=device)
+            members = [i for i in members if i not in dropped]
+            if not members:
+                return
+            prompts, temperature, top_k, top_p = (t[keep] for t in (prompts, temperature, top_k, top_p))
+            ended, sent, logprob, history, context, logits = (t[keep] for t in (ended, sent, logprob, history,
+                                                                                context, logits))
+            for cache in caches:
+                cache.k, cache.v = cache.k[keep], cache.v[keep]
+            for i in dropped:
+                done[i] = True
+        sizes = torch.tensor([counts[i] for i in members], device=device)
+        starts = [0, *sizes.cumsum(0).tolist()]
+        bounds = {i: (starts[n], starts[n + 1]) for n, i in enumerate(members)}
         tokens = prompts[:, position] if position < width else torch.full_like(prompts[:, 0], end_token)
-        drawing = [i for i, r in enumerate(requests) if not done[i] and len(r.prompt) <= position]
+        drawing = [i for i in members if not done[i] and len(requests[i].prompt) <= position]
+        finished = []
         if drawing:
             probs = F.softmax(choices(logits / temperature, top_k if cut_k else None, top_p if cut_p else None), dim=-1)
             tokens = tokens.clone()
             shared = [i for i in drawing if requests[i].generator is None]
             if shared:  # the requests without a generator draw from torch's global one, together
-                rows = torch.tensor([row for i in shared for row in range(bounds[i], bounds[i + 1])], device=device)
+                rows = torch.tensor([row for i in shared for row in range(*bounds[i])], device=device)
                 tokens[rows] = torch.multinomial(probs[rows], 1)[:, 0]
             for i in drawing:
                 if requests[i].generator is not None:
-                    a, b = bounds[i], bounds[i + 1]
+                    a, b = bounds[i]
                     tokens[a:b] = torch.multinomial(probs[a:b], 1, generator=requests[i].generator)[:, 0]
                 draws[i] += 1
-            live = torch.tensor([i in drawing for i in range(len(requests))], device=device)[owner]  # rows that drew
+            live = torch.tensor([i in drawing for i in members], device=device).repeat_interleave(sizes)  # rows that drew
             # the model's own probability of each drawn token, for the rows that had not ended before it
             gain = F.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])[:, 0]
             logprob += torch.where(live & ~ended, gain, torch.zeros_like(gain))
             ended |= live & (tokens == end_token)
             ended_rows = ended.tolist()
             for i in drawing:
-                done[i] = all(ended_rows[bounds[i]:bounds[i + 1]]) or draws[i] == most[i]
-        history.append(tokens)
-        if all(done):
-            break
+                done[i] = all(ended_rows[bounds[i][0]:bounds[i][1]]) or draws[i] == most[i]
+        history = torch.cat([history, tokens[:, None]], dim=1)
+        if drawing:
+            over = torch.tensor([done[i] for i in members], device=device).repeat_interleave(sizes)
+            ready = (ended | over) & ~sent
+            if ready.any():
+                sent |= ready
+                logprobs = logprob.tolist()
+                owner = [(i, row) for i in members for row in range(counts[i])]
+                for row in ready.nonzero()[:, 0].tolist():
+                    i, r = owner[row]
+                    first = len(requests[i].prompt) - common  # the column of its first draw
+                    drawn = history[row, first : first + draws[i]].tolist()
+                    finished.append((i, r, drawn[: drawn.index(end_token)] if end_token in drawn else drawn,
+                                     logprobs[row], ended_rows[row]))
+        yield finished
+        if all(done[i] for i in members):
+            return
         context = torch.cat([context, tokens[:, None]], dim=1)
         if context.size(1) <= model.block_size:  # the cache has room: feed the new position only
             logits = model(tokens[:, None], caches, start=context.size(1) - 1)[:, -1]
@@ -225,15 +312,16 @@ def draw_rows(model: GPT | Ensemble, requests: list[SampleRequest], end_token: i
             context = context[:, -model.block_size:]
             logits = model(context)[:, -1]
         position += 1
-    history = torch.stack(history, dim=1).tolist()
-    logprobs, ended_rows = logprob.tolist(), ended.tolist()
-    out = []
-    for i, r in enumerate(requests):
-        first = len(r.prompt) - common  # the column of its first draw
-        rows = [row[first : first + draws[i]] for row in history[bounds[i]:bounds[i + 1]]]
-        out.append(([row[: row.index(end_token)] if end_token in row else row for row in rows],
-                    logprobs[bounds[i]:bounds[i + 1]], ended_rows[bounds[i]:bounds[i + 1]]))
-    return out
+
+
+def rows_of(members: list[int], counts: list[int], wanted: set[int]) -> list[int]:
+    """The batch rows (in the order of ``members``) of the requests in ``wanted``."""
+    rows, start = [], 0
+    for i in members:
+        if i in wanted:
+            rows.extend(range(start, start + counts[i]))
+        start += counts[i]
+    return rows
 
 
 @dataclass

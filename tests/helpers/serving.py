@@ -105,3 +105,52 @@ def post(url: str, payload=None, raw: bytes | None = None, key: str | None = Non
     body = raw if raw is not None else json.dumps(payload).encode()
     status, answer, _ = request(url, body, headers, "POST")
     return status, json.loads(answer)
+
+
+def random_checkpoint(path: Path, vocab: str = "abcdefghijklmnopqrstuvwxyz", n_embd: int = 16, n_head: int = 2,
+                      n_layer: int = 2, block_size: int = 8, seed: int = 0, end_bias: float = 0.0) -> Path:
+    """A microgpt checkpoint file as ``fit`` writes one (format, sizes, vocabulary, ``gpt.`` weights) holding a
+    GPT with weights drawn at a scale that gives sharply uneven probabilities, in no time; ``end_bias`` is
+    added to the end token's output weights' first input, so that its rows run longer (negative) or shorter."""
+    import torch
+
+    from microgpt.checkpoints.io import FORMAT, FORMAT_KEY
+    from microgpt.model.gpt import GPT
+
+    torch.manual_seed(seed)
+    gpt = GPT(len(vocab) + 1, n_embd=n_embd, n_head=n_head, n_layer=n_layer, block_size=block_size)
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.normal_(0, 0.25)
+        gpt.lm_head.weight[len(vocab)] += end_bias
+    sizes = {"n_embd": n_embd, "n_head": n_head, "n_layer": n_layer, "block_size": block_size, "dropout": 0.0}
+    torch.save({FORMAT_KEY: FORMAT, "global_step": 0, "hyper_parameters": {**sizes, "vocab": vocab},
+                "state_dict": {f"gpt.{k}": v for k, v in gpt.state_dict().items()}}, path)
+    return path
+
+
+def headless_chromium():
+    """Headless Chromium from the system packages, driven by Selenium (a generator for a fixture); skipped only
+    where it is not installed outside CI (.ci/run installs it, so CI never skips)."""
+    import shutil
+
+    import pytest
+
+    chromium, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("CI"):
+            pytest.fail("the browser test needs chromium and chromium-driver, which .ci/run installs")
+        pytest.skip("headless Chromium is not installed here")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,800"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    chrome = webdriver.Chrome(options=options, service=Service(driver))
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
