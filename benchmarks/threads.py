@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +59,7 @@ def fit(recipe: str, max_steps: int | None, env: dict[str, str], busy: bool, cac
             args += ["--trainer.max_steps", str(max_steps)]
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
         try:
-            done = subprocess.run(args, env={**base, **env, "MICROGPT_CACHE": cache},
+            done = subprocess.run(args, check=False, env={**base, **env, "MICROGPT_CACHE": cache},
                                   cwd=folder, capture_output=True, text=True)
         finally:
             if spinner is not None:

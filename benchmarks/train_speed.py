@@ -36,8 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,10 +27,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from microgpt.callbacks import RunLogger, Stopped, Threads, WriteNames
 from microgpt.checkpoints.io import load_checkpoint, resolve_checkpoint
 from microgpt.checkpoints.runs import with_claimed_version
+from microgpt.commands.recipes import with_recipe_paths
 from microgpt.data.datamodule import NamesDataModule
 from microgpt.errors import UserError, exit_on_user_error, user_error_behind
 from microgpt.files import disk_full
-from microgpt.commands.recipes import with_recipe_paths
 from microgpt.training.module import MicroGPT
 from microgpt.training.trainer_settings import check_trainer
 
