@@ -16,6 +16,8 @@ from helpers.sampling_reference import drawn_by_hand
 from microgpt.commands.cli import main
 from microgpt.training.module import MicroGPT
 
+pytestmark = pytest.mark.slow  # several fresh fits or processes: `-m "not slow"` leaves them out
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "names-batched.yaml")
 STEPS = 6

@@ -1,3 +1,4 @@
+
 """The README's results table reproduces: its cheap rows are fitted and tested afresh by the script that writes
 the table (``benchmarks/results.py``), and every figure must match (wall times excepted, which depend on the
 machine). The costly rows (names-fast, names-best and the two-model average) are re-run by the same script,
@@ -6,6 +7,10 @@ by hand: ``python benchmarks/results.py --rows names-fast names-best names-best-
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # several fresh fits or processes: `-m "not slow"` leaves them out
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,6 +18,8 @@ from conftest import error_line
 from microgpt.checkpoints.io import atomic_torch_save
 from microgpt.commands.cli import main
 
+pytestmark = pytest.mark.slow  # several fresh fits or processes: `-m "not slow"` leaves them out
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "names.yaml")
 STEPS = 150

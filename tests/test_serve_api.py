@@ -17,6 +17,8 @@ from microgpt.checkpoints.loading import load_model
 from microgpt.commands.export import export
 from microgpt.commands.sample import sample_names
 
+pytestmark = pytest.mark.slow  # several fresh fits or processes: `-m "not slow"` leaves them out
+
 KEY = "k3y"
 VOCAB = "abcdefghijklmnopqrstuvwxyz-]^\\' "  # characters a regular expression class must escape
 BLOCK = 256  # long rows: a request of many names spans many steps

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # several fresh fits or processes: `-m "not slow"` leaves them out
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
