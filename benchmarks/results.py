@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="the rows to run again")
     parser.add_argument("--check", action="store_true", help="compare with the README's table instead of writing it")
     parser.add_argument("--keep_times", action="store_true", help="keep the README's wall times (a busy machine)")
+    parser.add_argument("--work", type=Path, help="keep the runs in this folder (default: a temporary one)")
     args = parser.parse_args(argv)
     text = README.read_text(encoding="utf-8")
     start, rows = table(text)
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     differences = []
     with tempfile.TemporaryDirectory(prefix="results-") as tmp:
         for key in args.rows:
-            new = measure(key, Path(tmp))
+            new = measure(key, args.work or Path(tmp))
             old = by_key.get(key)
             if old is not None and (args.check or args.keep_times):
                 new[TIME] = old[TIME]
