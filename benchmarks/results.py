@@ -93,6 +93,7 @@ def fit(config: str, folder: Path, extra: list[str] = (), threads: str | None = 
 
 
 def test_metrics(config: str, checkpoint: Path, folder: Path, extra: list[str] = ()) -> tuple[float, float]:
+    folder.mkdir(parents=True, exist_ok=True)
     out = microgpt(["test", "--config", str(ROOT / "configs" / f"{config}.yaml"), "--ckpt_path", str(checkpoint),
                     "--trainer.default_root_dir", str(folder / "test"), *extra], folder)
     return (float(found(r"test/loss\s+([\d.]+)", out, "test/loss").group(1)),
