@@ -5,14 +5,12 @@ each name's log-probability; checked against exact probabilities found by enumer
 import itertools
 import json
 import math
-import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.serving import ROOT, Server, post, request
+from helpers.serving import ROOT, Server, headless_chromium, post, request
 
 from microgpt.checkpoints.loading import load_model
 from microgpt.commands.cli import main as cli_main
@@ -324,51 +322,41 @@ def test_serve_takes_the_options_and_draws_what_sample_draws(run, server):
         assert post(url, {"count": 2})[0] == 200
 
 
-def test_the_page_offers_the_options_and_marks_each_name(run, server):
-    """Headless Chromium (skipped where it is not installed, as in test_serve.py): the page sends the options
-    and marks each name as the server's answer says, leaving the name's own text alone."""
-    chromium, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        if os.environ.get("CI"):
-            pytest.fail("the browser test needs chromium and chromium-driver, which .ci/run installs")
-        pytest.skip("headless Chromium is not installed here")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+@pytest.fixture
+def browser():
+    yield from headless_chromium()
+
+
+def test_the_page_offers_the_options_and_marks_each_name(run, server, browser):
+    """Headless Chromium (as in test_serve.py): the page sends the options and marks each name as the server's
+    answer says, leaving the name's own text alone."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
-        options.add_argument(arg)
-    browser = webdriver.Chrome(options=options, service=Service(driver))
-    try:
-        browser.get(server.url + "/")
-        for field, value in (("count", "6"), ("seed", "5"), ("min_length", "3"), ("max_length", "5")):
-            browser.find_element(By.ID, field).clear()
-            browser.find_element(By.ID, field).send_keys(value)
-        browser.find_element(By.ID, "only_new").click()
-        browser.find_element(By.ID, "go").click()
-        items = lambda: browser.find_elements(By.CSS_SELECTOR, "#names li")
-        WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "status").text == "6 names")
-        _, body = post(server.url + "/predict", {"count": 6, "seed": 5, "min_length": 3, "max_length": 5,
-                                                 "only_new": True, "temperature": 0.5})
-        assert [li.get_attribute("textContent") for li in items()] == body["names"]
-        assert [li.get_attribute("data-kind") for li in items()] == ["new"] * 6
-        # every name of 3 or 4 characters that starts with "ann" (fewer than asked for): "anna" among them
-        browser.find_element(By.ID, "only_new").click()
-        for field, value in (("prefix", "ann"), ("max_length", "4"), ("likeliest", "30")):
-            browser.find_element(By.ID, field).clear()
-            browser.find_element(By.ID, field).send_keys(value)
-        browser.find_element(By.ID, "go").click()
-        WebDriverWait(browser, 20).until(lambda b: "a probability above zero" in b.find_element(By.ID, "status").text)
-        _, body = post(server.url + "/predict", {"prefix": "ann", "likeliest": 30, "min_length": 3, "max_length": 4})
-        assert [li.get_attribute("textContent") for li in items()] == body["names"]
-        assert [li.get_attribute("data-kind") for li in items()] == body["kinds"]
-        assert len(body["names"]) == len(load_model(run["ckpt"])[1].chars) + 1
-        assert body["kinds"][body["names"].index("anna")] == KnownNames.from_file(run["ckpt"]).kind("anna")
-    finally:
-        browser.quit()
+    browser.get(server.url + "/")
+    for field, value in (("count", "6"), ("seed", "5"), ("min_length", "3"), ("max_length", "5")):
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(value)
+    browser.find_element(By.ID, "only_new").click()
+    browser.find_element(By.ID, "go").click()
+    items = lambda: browser.find_elements(By.CSS_SELECTOR, "#names li")
+    WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "status").text == "6 names")
+    _, body = post(server.url + "/predict", {"count": 6, "seed": 5, "min_length": 3, "max_length": 5,
+                                             "only_new": True, "temperature": 0.5})
+    assert [li.get_attribute("textContent") for li in items()] == body["names"]
+    assert [li.get_attribute("data-kind") for li in items()] == ["new"] * 6
+    # every name of 3 or 4 characters that starts with "ann" (fewer than asked for): "anna" among them
+    browser.find_element(By.ID, "only_new").click()
+    for field, value in (("prefix", "ann"), ("max_length", "4"), ("likeliest", "30")):
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(value)
+    browser.find_element(By.ID, "go").click()
+    WebDriverWait(browser, 20).until(lambda b: "a probability above zero" in b.find_element(By.ID, "status").text)
+    _, body = post(server.url + "/predict", {"prefix": "ann", "likeliest": 30, "min_length": 3, "max_length": 4})
+    assert [li.get_attribute("textContent") for li in items()] == body["names"]
+    assert [li.get_attribute("data-kind") for li in items()] == body["kinds"]
+    assert len(body["names"]) == len(load_model(run["ckpt"])[1].chars) + 1
+    assert body["kinds"][body["names"].index("anna")] == KnownNames.from_file(run["ckpt"]).kind("anna")
 
 
 def test_the_sampling_callback_takes_the_options(tiny_names, tmp_path, capsys):
