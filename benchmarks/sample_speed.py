@@ -10,7 +10,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from microgpt.commands.sample import load_model, sample_names
+from microgpt.checkpoints.loading import load_model
+from microgpt.model.names import sample_names
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from helpers.serving import headless_chromium, random_checkpoint
 from microgpt.checkpoints.loading import load_model
 from microgpt.commands import export as export_command
 from microgpt.commands.sample import main as sample_main
-from microgpt.commands.sample import sample_names
+from microgpt.model.names import sample_names
 
 VOCAB = "abcdefghijklmnopqrstuvwxyz<\"'&\\ -"  # markup, quotes and a backslash: the page must carry them intact
 

@@ -118,8 +118,8 @@ def test_runs_started_together_in_one_folder_each_get_their_own(runs):
     checkpoint and curves. A curve ends at its own checkpoint's val/loss (scored here name by name) and
     starts at its own seed's first loss (computed here, alone)."""
     from microgpt.checkpoints.loading import load_model
-    from microgpt.commands.sample import score_names
     from microgpt.data.datamodule import NamesDataModule
+    from microgpt.model.names import score_names
 
     for key in (1, 2, "ddp"):
         assert runs["results"][key].returncode == 0, runs["results"][key].stderr[-3000:]

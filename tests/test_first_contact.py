@@ -237,7 +237,7 @@ def test_the_python_api_page_runs_as_written(run_dir):
 def test_score_names_averages_to_the_test_loss(run_dir):
     tmp, names, _ = run_dir
     from microgpt.checkpoints.loading import load_model
-    from microgpt.commands.sample import score_names
+    from microgpt.model.names import score_names
 
     tested = main(["test", "--config", BATCHED, "--data.path", str(names), "--data.val_size", "40",
                    "--data.test_size", "40", "--ckpt_path", "best", "--trainer.default_root_dir", str(tmp / "root"),

@@ -15,7 +15,7 @@ from helpers.serving import Server, get, live_session_processes, post, random_ch
 
 from microgpt.checkpoints.loading import load_model
 from microgpt.commands.export import export
-from microgpt.commands.sample import sample_names
+from microgpt.model.names import sample_names
 
 pytestmark = pytest.mark.slow  # several fresh fits or processes: `-m "not slow"` leaves them out
 

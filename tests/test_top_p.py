@@ -9,10 +9,10 @@ import torch
 from microgpt.callbacks import SampleNames
 from microgpt.checkpoints.io import FORMAT, FORMAT_KEY
 from microgpt.commands.sample import main as sample_main
-from microgpt.commands.sample import sample_names
 from microgpt.data.datamodule import NamesDataModule
 from microgpt.errors import UserError
 from microgpt.model.gpt import GPT
+from microgpt.model.names import sample_names
 from microgpt.model.sampling import SampleRequest, generate, keep_top_p
 from microgpt.training.module import MicroGPT
 

@@ -31,9 +31,10 @@ import torch
 
 from microgpt.checkpoints.io import load_checkpoint
 from microgpt.checkpoints.loading import CONFIG, WEIGHTS, load_model
-from microgpt.commands.sample import resolve, sample_names
+from microgpt.commands.sample import resolve
 from microgpt.errors import UserError
 from microgpt.model.gpt import GPT, RMS_EPS
+from microgpt.model.names import sample_names
 from microgpt.model.tokenizer import CharTokenizer
 
 FORMATS = ("safetensors", "onnx", "html")

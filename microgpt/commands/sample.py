@@ -1,4 +1,4 @@
-"""Inventing names, and the ``sample`` command that does it from a checkpoint alone, with torch only.
+"""The ``sample`` command: names from a checkpoint alone, with torch only.
 
 ``python -m microgpt sample --ckpt_path K [K ...] [--num_samples N] [--temperature T] [--top_k K] [--top_p P]
 [--prefix P] [--min_length A] [--max_length B] [--only_new] [--unique] [--likeliest N] [--show_logprob] [--seed S]
@@ -21,62 +21,9 @@ from microgpt.commands.devices import device_problem
 from microgpt.data.known import KnownNames
 from microgpt.errors import OneLineParser, UserError, exit_on_user_error
 from microgpt.files import WriteFailed, atomic_write
-from microgpt.model.gpt import GPT, Ensemble
-from microgpt.model.names import NameOptions, Names, invent
-from microgpt.model.tokenizer import CharTokenizer
+from microgpt.model.gpt import Ensemble
+from microgpt.model.names import NameOptions, format_names, invent
 from microgpt.threads import use_threads
-
-
-def sample_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, num_samples: int, temperature: float = 0.5,
-                 top_k: int | None = None, prefix: str = "", generator: torch.Generator | None = None,
-                 top_p: float | None = None) -> list[str]:
-    """``num_samples`` names starting with ``prefix``, drawn in parallel (``gpt`` in eval mode for the draw);
-    ``top_p`` keeps only the smallest set of likeliest characters whose probability reaches it. For lengths,
-    new names, no repeats, the likeliest names and log-probabilities, see ``microgpt.model.names.invent``."""
-    return invent(gpt, tokenizer, NameOptions(num_samples, prefix, temperature, top_k, top_p), generator).names
-
-
-@torch.no_grad()
-def score_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, names: list[str]) -> list[float]:
-    """Each name's mean negative log-likelihood per predicted character (its end included), in nats,
-    as ``test`` scores them: the model reads ``[BOS] + name`` cut to its context and predicts one step ahead."""
-    rows = [[tokenizer.bos, *tokenizer.encode(name), tokenizer.bos][: gpt.block_size + 1] for name in names]
-    width = max(len(row) for row in rows)
-    device = next(gpt.parameters()).device
-    tokens = torch.tensor([row + [tokenizer.bos] * (width - len(row)) for row in rows], device=device)
-    lengths = torch.tensor([len(row) - 1 for row in rows], device=device)
-    was_training = gpt.training
-    gpt.eval()
-    try:
-        logits = gpt(tokens[:, :-1])
-    finally:
-        gpt.train(was_training)
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
-    real = torch.arange(width - 1, device=device) < lengths[:, None]
-    return ((nll * real).sum(1) / lengths).tolist()
-
-
-def predict_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, request: dict) -> list[str]:
-    """The lines ``predict`` writes for one request of ``NamesDataModule.predict_dataloader`` (settings checked
-    there): names, or ``name<TAB>log-probability`` with ``show_logprob`` or ``likeliest``. When fewer names than
-    asked for turn up, it says so on stderr and keeps those it found."""
-    if request["count"] == 0:
-        return []
-    generator = torch.Generator(next(gpt.parameters()).device).manual_seed(request["seed"])
-    options = NameOptions(request["count"], request["prefix"], request["temperature"], request["top_k"],
-                          request["top_p"], *(request.get(k) for k in ("min_length", "max_length")),
-                          bool(request.get("only_new")), bool(request.get("unique")), request.get("likeliest"))
-    found = invent(gpt, tokenizer, options, generator, request.get("known"), "--data.predict_")
-    if found.shortfall:
-        print(f"microgpt predict: {found.shortfall}", file=sys.stderr, flush=True)
-    return format_names(found, bool(request.get("show_logprob") or request.get("likeliest"))).splitlines()
-
-
-def format_names(found: Names, logprobs: bool) -> str:
-    """One name a line, as ``name<TAB>log-probability`` (4 decimals) with ``logprobs``."""
-    if logprobs:
-        return "".join(f"{name}\t{logprob:.4f}\n" for name, logprob in zip(found.names, found.logprobs))
-    return "".join(f"{name}\n" for name in found.names)
 
 
 def resolve(path: str, root: str, prog: str = "microgpt sample") -> str:

@@ -15,11 +15,11 @@ from torchmetrics import MeanMetric
 
 from microgpt.checkpoints.io import FORMAT, FORMAT_KEY
 from microgpt.checkpoints.loading import load_members
-from microgpt.commands.sample import predict_names, sample_names
 from microgpt.data.batches import Batch
 from microgpt.data.rows import IGNORE_INDEX
 from microgpt.errors import UserError
 from microgpt.model.gpt import GPT, Ensemble, size_problem
+from microgpt.model.names import predict_names, sample_names
 from microgpt.model.tokenizer import CharTokenizer
 from microgpt.training.init_from import StartModel
 from microgpt.training.optimizers import RunScheduleCallable, WarmupCosine, check_resumable, parameter_groups
