@@ -15,7 +15,7 @@ from helpers.serving import ROOT, Server, get, headless_chromium, live_session_p
 
 from microgpt.checkpoints.loading import load_model
 from microgpt.commands.cli import main as cli_main
-from microgpt.commands.sample import sample_names
+from microgpt.model.names import sample_names
 
 CONFIG = str(ROOT / "configs" / "names.yaml")
 KEY = "s3cret-key"
@@ -215,8 +215,8 @@ from microgpt.commands.serve_http import PredictBody, ScoreBody
 build_server({str(models['names'])!r}, "cpu", None, 4, 0.0)
 api = PredictAPI({str(models['names'])!r}, None, 4, 0.0, "/predict")
 api.setup("cpu")
-pieces = [p[0] for p in api.encode_response(api.predict([api.decode_request(PredictBody(count=3, prefix="a"))]))]
-print("".join(json.loads(p)["data"] for p in pieces[1:] if p))  # after the head line, the framed body
+lines = "".join(p[0] for p in api.encode_response(api.predict([api.decode_request(PredictBody(count=3, prefix="a"))])))
+print("".join(json.loads(line)["data"] for line in lines.splitlines()[1:]))  # after the head line, the framed body
 score = ScoreAPI({str(models['names'])!r}, None, 1, 0.0, "/score")
 score.setup("cpu")
 print(score.encode_response(score.predict(score.decode_request(ScoreBody(names=["emma"])))))

@@ -16,10 +16,9 @@ import torch
 from fastapi import Header, HTTPException
 
 from microgpt.checkpoints.loading import load_model
-from microgpt.commands.sample import score_names
 from microgpt.commands.serve_http import JSON_TYPE, NDJSON, Invalid, PredictBody, ScoreBody
 from microgpt.data.known import KnownNames
-from microgpt.model.names import NameOptions, NameStream, options_problem
+from microgpt.model.names import NameOptions, NameStream, options_problem, score_names
 from microgpt.threads import use_threads
 
 
@@ -118,9 +117,14 @@ class End:
 
 
 class DrawingAPI(CheckpointAPI):
-    """A streaming API that draws names: ``predict`` yields, for each request, first its decoded form (a ``Draw``
-    or an ``Invalid``), then after each step the ``(index, name, logprob)`` of its names kept in it, then an
-    ``End``; ``encode_response`` turns these into a head line and the body's pieces (``answer``)."""
+    """A streaming API that draws names. ``predict`` yields, for the requests of a batch, what each has not yet
+    been sent: first its decoded form (a ``Draw`` or an ``Invalid``), then the ``(index, name, logprob)`` of its
+    names as they are kept, then an ``End``. ``encode_response`` turns each request's news into one message: a
+    head line (status, media type, id) the first time, then a body piece (``Answer``).
+
+    LitServe sends every request of a batch a message at every yield, wanted or not, so ``predict`` yields only
+    when a streamed request has news; a request answered whole rides along with the next yield after its names
+    are drawn, at the latest the batch's last."""
 
     known: KnownNames | None = None
 
@@ -137,38 +141,45 @@ class DrawingAPI(CheckpointAPI):
         self.metrics.BATCH.labels(self.api_path).observe(len(decoded))
         at = [k for k, d in enumerate(decoded) if isinstance(d, Draw)]  # the batch position of each draw
         draws = [decoded[k] for k in at]
-        step = lambda items: items if batched else items[0]
-        yield step(decoded)
-        cancelled = (lambda: self.cancelled(draws)) if self.cancel_dir else None
+        streamed = {k for k in at if decoded[k].stream}
+        news = [[d] for d in decoded]  # each request's items not yet yielded
+
+        def flush():
+            out = [tuple(items) for items in news]
+            for items in news:
+                items.clear()
+            return out if batched else out[0]
+
+        if streamed:  # heads first, so that a streamed request's client can go before its first name
+            yield flush()
+        cancelled = (lambda: self.cancelled(draws)) if self.cancel_dir and streamed else None
         names = NameStream(self.gpt, self.tokenizer, [(d.options, d.generator) for d in draws], self.known, cancelled)
         for kept in names:
-            if kept:
-                out = [[] for _ in decoded]
-                for j, index, name, logprob in kept:
-                    out[at[j]].append((index, name, logprob))
-                yield step(out)
+            for j, index, name, logprob in kept:
+                news[at[j]].append((index, name, logprob))
+            if any(at[j] in streamed for j, *_ in kept):
+                yield flush()
         for d in draws:
-            if self.cancel_dir:
+            if cancelled:
                 try:
                     os.remove(os.path.join(self.cancel_dir, d.id))
                 except FileNotFoundError:
                     pass
-        ends = [End() for _ in decoded]
+        for k, items in enumerate(news):
+            items.append(End())
         for k, result in zip(at, names.results):
-            ends[k] = End(result.shortfall if result is not None else None)
-        yield step(ends)
+            news[k][-1] = End(result.shortfall if result is not None else None)
+        yield flush()
 
     def encode_response(self, outputs):
-        answers, batched = None, False
+        answers = None
         for items in outputs:
-            if answers is None:  # the first item of every request: how it was decoded
-                batched = isinstance(items, list)
-                answers = [self.answer(d) for d in (items if batched else [items])]
-                heads = [a.head() for a in answers]
-                yield heads if batched else heads[0]
-                continue
-            pieces = [a.feed(item) for a, item in zip(answers, items if batched else [items])]
-            yield pieces if batched else pieces[0]
+            batched = isinstance(items, list)
+            items = items if batched else [items]
+            if answers is None:  # a request's first items start with how it was decoded
+                answers = [self.answer(news[0]) for news in items]
+            messages = [a.message(news) for a, news in zip(answers, items)]
+            yield messages if batched else messages[0]
 
     def answer(self, decoded: Draw | Invalid) -> "Answer":
         raise NotImplementedError
@@ -182,6 +193,13 @@ class Answer:
         self.names: dict[int, tuple[str, float]] = {}
         self.finished = False
 
+    def message(self, news: tuple) -> str:
+        """The head line if ``news`` starts with the decoded request, then the body piece of the rest."""
+        head = ""
+        if news and isinstance(news[0], (Draw, Invalid)):
+            head, news = self.head(), news[1:]
+        return head + self.feed(news) if news else head
+
     def head(self) -> str:
         d = self.decoded
         if isinstance(d, Invalid):
@@ -191,21 +209,25 @@ class Answer:
             head = {"status": 200, "media_type": self.stream_type if d.stream else JSON_TYPE, "id": d.id}
         return json.dumps(head) + "\n"
 
-    def feed(self, item) -> str:
+    def feed(self, news: tuple) -> str:
         """The body's next piece, framed as a JSON line ``{"data": text, "last": bool}`` ("" when there is
         none): a request's answer ends as soon as its own names have, whatever else its batch still draws."""
         if isinstance(self.decoded, Invalid) or self.finished:
             return ""
-        pieces = []
-        for index, name, logprob in [] if isinstance(item, End) else item:
+        pieces, end = [], None
+        for item in news:
+            if isinstance(item, End):
+                end = item
+                break
+            index, name, logprob = item
             self.names[index] = name, logprob
             self.api.metrics.NAMES.labels(self.api.api_path, "200").inc()
             if self.decoded.stream:
                 pieces.append(self.line(index, name, logprob))
         o = self.decoded.options
-        self.finished = isinstance(item, End) or len(self.names) == (o.count if o.likeliest is None else o.likeliest)
+        self.finished = end is not None or len(self.names) == (o.count if o.likeliest is None else o.likeliest)
         if self.finished:
-            pieces.append(self.end(item.shortfall if isinstance(item, End) else None))
+            pieces.append(self.end(end.shortfall if end is not None else None))
         text = "".join(pieces)
         return json.dumps({"data": text, "last": self.finished}) + "\n" if text or self.finished else ""
 

@@ -47,14 +47,14 @@ class Answers:
             if state["passthrough"] or message["type"] != "http.response.body":
                 return await send(message)
             body, more = message.get("body", b""), message.get("more_body", False)
-            if state["head"] is None:
-                if not body and more:
-                    return
-                if not body:  # the stream ended before the worker answered: it timed out waiting in the queue
-                    await send_json(504, json.dumps(timeout_body(scope["path"])))
+            if state["done"] or not body:
+                if state["head"] is None and not body and not more:  # the stream ended before the worker answered:
+                    await send_json(504, json.dumps(timeout_body(scope["path"])))  # it timed out in the queue
                     state["done"] = True
-                    return
-                head = state["head"] = json.loads(body)
+                return
+            lines = body.splitlines()
+            if state["head"] is None:  # a worker's first message starts with the head line
+                head = state["head"] = json.loads(lines.pop(0))
                 if "body" in head:
                     await send_json(head["status"], head["body"])
                     state["done"] = True
@@ -67,12 +67,13 @@ class Answers:
                 await deliver({"type": "http.response.start", "status": 200, "headers": headers})
                 nonlocal watcher
                 watcher = asyncio.create_task(watch())  # the body has been read: receive now waits for the end
-                return
-            if state["done"] or not body:
-                return
-            frame = json.loads(body)
-            await deliver({"type": "http.response.body", "body": frame["data"].encode(), "more_body": not frame["last"]})
-            state["done"] = state["done"] or frame["last"]
+            for line in lines:  # then body pieces, each a frame {"data", "last"}
+                if state["done"]:
+                    return
+                frame = json.loads(line)
+                await deliver({"type": "http.response.body", "body": frame["data"].encode(),
+                               "more_body": not frame["last"]})
+                state["done"] = state["done"] or frame["last"]
 
         async def send_json(status: int, body: str):
             await send({"type": "http.response.start", "status": status,
