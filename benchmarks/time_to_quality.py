@@ -13,6 +13,12 @@ test --data.test_path test.txt --ckpt_path .../last.ckpt``. The points are the `
 fit's TensorBoard log, timed by their wall-clock stamps from the start of ``fit`` (the clock of its
 ``final:`` line, which says how many seconds fit took). The extra validations are part of the times.
 
+Each ``--pairs`` recipe is also fitted twice at once, as the README's two-model average is (seeds 42 and 43, one
+thread each, both started together); its row's seconds are the later ``final:`` line's, and its one point is the
+pair's ``val/loss`` from ``validate --model.ensemble``, then ``test --model.ensemble`` scores it. The picture also
+marks ``--reference`` (by default makemore's own training loop after 10 minutes, as issue 30 measured it on a
+held-out split of its own: the figure this project measures itself against; makemore is not run here).
+
 Writes ``time-to-quality.md`` (the table behind the picture, with the commands) and ``time-to-quality.png``
 (validation NLL against seconds, log-scaled time, one line per recipe) into ``--docs``; the runs go to
 ``--out``. matplotlib is needed only here (the ``bench`` extra), never by the package.
@@ -21,6 +27,7 @@ Writes ``time-to-quality.md`` (the table behind the picture, with the commands) 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import random
 import re
@@ -36,6 +43,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["configs/names.yaml", "configs/names-batched.yaml", "configs/names-fast.yaml", "configs/names-best.yaml",
            "configs/names-best-adamw.yaml"]
+PAIRS = ["configs/names-best.yaml"]
+PAIR_SEEDS = (42, 43)
+REFERENCE = "makemore's own loop, 10 min (issue 30, its own split):600:1.989"
 FINAL = re.compile(r"^final: step (\d+) \| .* \| ([\d.]+) s$")
 
 
@@ -50,6 +60,12 @@ class Result:
     fit_seconds: float = 0.0
     points: list[tuple[float, int, float]] = field(default_factory=list)
     test_loss: float = float("nan")
+    label: str = ""
+    extra: list[list[str]] = field(default_factory=list)  # commands run between fit and test
+
+    @property
+    def name(self) -> str:
+        return self.label or f"`{self.recipe}`"
 
 
 def split_names(names: Path, folder: Path, test_size: int, seed: int) -> tuple[Path, Path]:
@@ -72,10 +88,11 @@ def scalars(log_dir: Path, tag: str) -> list[tuple[float, int, float]]:
     return [(e.wall_time, e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
 
 
-def run_timed(command: list[str], log: Path) -> list[tuple[float, str]]:
-    """Run ``command``; return its output lines (stdout and stderr), each with the wall time it arrived."""
+def run_timed(command: list[str], log: Path, env: dict | None = None) -> list[tuple[float, str]]:
+    """Run ``command`` (with ``env`` added to the environment); return its output lines (stdout and stderr), each
+    with the wall time it arrived."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", **(env or {})}
     lines = []
     with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as proc, open(log, "w") as out:
@@ -88,6 +105,30 @@ def run_timed(command: list[str], log: Path) -> list[tuple[float, str]]:
     return lines
 
 
+def fit_command(recipe: str, train: Path, run: Path, steps: int, every: int, extra: list[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "microgpt", "fit", "--config", recipe, "--data.path", str(train),
+            "--data.test_size", "0", "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(every),
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run), *extra]
+
+
+def scored(command: list[str], folder: Path, tag: str, what: str) -> float:
+    """Run ``validate`` or ``test`` (``command``) with its logs under ``folder``; the last ``tag`` it logged."""
+    run_timed([*command, "--trainer.default_root_dir", str(folder)], folder.with_suffix(".log"))
+    values = scalars(folder / "lightning_logs" / "version_0", tag)
+    if not values:
+        sys.exit(f"time_to_quality: {shlex.join(command)} logged no {tag} (see {folder.with_suffix('.log')}).")
+    return values[-1][2]
+
+
+def fit_seconds(lines: list[tuple[float, str]], run: Path) -> tuple[float, float]:
+    """The seconds of the fit's ``final:`` line, and the wall time at which that clock started."""
+    finals = [(stamp, FINAL.match(text)) for stamp, text in lines if FINAL.match(text)]
+    if not finals:
+        sys.exit(f"time_to_quality: {run}: the fit printed no 'final:' line (see {run / 'fit.log'}).")
+    stamp, final = finals[-1]
+    return float(final.group(2)), stamp - float(final.group(2))
+
+
 def run_recipe(recipe: str, train: Path, test: Path, out: Path, points: int, scale: float) -> Result:
     """Fit ``recipe`` on ``train`` with about ``points`` validations, then test its ``last.ckpt`` on ``test``."""
     config = yaml.safe_load((ROOT / recipe).read_text())
@@ -95,10 +136,7 @@ def run_recipe(recipe: str, train: Path, test: Path, out: Path, points: int, sca
     run = out / Path(recipe).stem
     if run.exists():
         sys.exit(f"time_to_quality: {run} exists; remove it or pass another --out.")
-    fit = [sys.executable, "-m", "microgpt", "fit", "--config", recipe, "--data.path", str(train),
-           "--data.test_size", "0", "--trainer.max_steps", str(steps),
-           "--trainer.val_check_interval", str(max(1, round(steps / points))),
-           "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run)]
+    fit = fit_command(recipe, train, run, steps, max(1, round(steps / points)))
     ckpt = run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     test_run = [sys.executable, "-m", "microgpt", "test", "--config", recipe, "--data.path", str(train),
                 "--data.test_path", str(test), "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(run / "test")]
@@ -106,12 +144,7 @@ def run_recipe(recipe: str, train: Path, test: Path, out: Path, points: int, sca
     run.mkdir(parents=True)
     print(f"time_to_quality: {shlex.join(fit)}", flush=True)
     lines = run_timed(fit, run / "fit.log")
-    finals = [(stamp, FINAL.match(text)) for stamp, text in lines if FINAL.match(text)]
-    if not finals:
-        sys.exit(f"time_to_quality: {recipe}: the fit printed no 'final:' line (see {run / 'fit.log'}).")
-    stamp, final = finals[-1]
-    result.fit_seconds = float(final.group(2))
-    started = stamp - result.fit_seconds  # the wall time at which fit's own clock started
+    result.fit_seconds, started = fit_seconds(lines, run)
     # Lightning logs a validation during fit at the 0-based index of the step just taken, and the one after
     # fit (when the last step was not validated) at the number of steps: both become steps taken
     result.points = [(wall - started, min(step + 1, steps), value)
@@ -125,13 +158,41 @@ def run_recipe(recipe: str, train: Path, test: Path, out: Path, points: int, sca
     return result
 
 
+def run_pair(recipe: str, train: Path, test: Path, out: Path, scale: float) -> Result:
+    """Fit ``recipe`` twice at once (``PAIR_SEEDS``, one thread each), then validate and test the pair's average."""
+    config = yaml.safe_load((ROOT / recipe).read_text())
+    steps = max(1, round(config["trainer"]["max_steps"] * scale))
+    runs = [out / f"{Path(recipe).stem}-pair-{seed}" for seed in PAIR_SEEDS]
+    if any(run.exists() for run in runs):
+        sys.exit(f"time_to_quality: {runs[0]} exists; remove it or pass another --out.")
+    fits = [fit_command(recipe, train, run, steps, steps, ["--seed_everything", str(seed)])
+            for run, seed in zip(runs, PAIR_SEEDS)]
+    for run, fit in zip(runs, fits):
+        run.mkdir(parents=True)
+        print(f"time_to_quality: OMP_NUM_THREADS=1 {shlex.join(fit)} &", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(len(fits)) as pool:
+        outputs = list(pool.map(lambda job: run_timed(job[1], job[0] / "fit.log", {"OMP_NUM_THREADS": "1"}),
+                                zip(runs, fits)))
+    seconds = max(fit_seconds(lines, run)[0] for lines, run in zip(outputs, runs))
+    ckpts = [run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt" for run in runs]
+    pair = ["--config", recipe, "--data.path", str(train), "--data.test_size", "0", "--ckpt_path", str(ckpts[0]),
+            "--model.ensemble", f"[{ckpts[1]}]"]
+    validate = [sys.executable, "-m", "microgpt", "validate", *pair]
+    test_run = [sys.executable, "-m", "microgpt", "test", *pair, "--data.test_path", str(test)]
+    result = Result(recipe, steps, fits[0], test_run, seconds, label=f"two `{recipe}` at once, averaged")
+    result.points = [(seconds, steps, scored(validate, runs[0] / "pair-validate", "val/loss", "validate"))]
+    result.test_loss = scored(test_run, runs[0] / "pair-test", "test/loss", "test")
+    result.extra = [fits[1], validate]
+    return result
+
+
 def relative(command: list[str]) -> str:
     """``command`` as a user would type it in the repository root."""
     parts = ["python" if part == sys.executable else part for part in command]
     return shlex.join(os.path.relpath(p, ROOT) if os.path.isabs(p) and p.startswith(str(ROOT)) else p for p in parts)
 
 
-def write_table(results: list[Result], path: Path, command: str, split: str) -> None:
+def write_table(results: list[Result], path: Path, command: str, split: str, reference: tuple) -> None:
     lines = [
         "# Time to quality",
         "",
@@ -147,17 +208,20 @@ def write_table(results: list[Result], path: Path, command: str, split: str) -> 
     ]
     for r in results:
         final_val = f"{r.points[-1][2]:.4f}" if r.points else "n/a"
-        lines.append(f"| `{r.recipe}` | {r.steps:,} | {r.fit_seconds:.1f} | {final_val} | {r.test_loss:.4f} |")
-    lines += ["", "## Commands", ""]
+        lines.append(f"| {r.name} | {r.steps:,} | {r.fit_seconds:.1f} | {final_val} | {r.test_loss:.4f} |")
+    lines += ["", f"The picture's reference: {reference[0]}, test NLL {reference[2]} after {reference[1]:g} s.", "",
+              "## Commands", ""]
     for r in results:
-        lines += [f"- `{relative(r.fit_command)}`", f"  then `{relative(r.test_command)}`"]
+        lines += [f"- {'`OMP_NUM_THREADS=1` each, at once: ' if r.extra else ''}`{relative(r.fit_command)}`"]
+        lines += [f"  and `{relative(command)}`" for command in r.extra]
+        lines += [f"  then `{relative(r.test_command)}`"]
     lines += ["", "## Points", "", "| recipe | step | seconds | `val/loss` |", "| --- | ---: | ---: | ---: |"]
     for r in results:
-        lines += [f"| `{r.recipe}` | {step:,} | {seconds:.1f} | {value:.4f} |" for seconds, step, value in r.points]
+        lines += [f"| {r.name} | {step:,} | {seconds:.1f} | {value:.4f} |" for seconds, step, value in r.points]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def draw(results: list[Result], path: Path) -> None:
+def draw(results: list[Result], path: Path, reference: tuple) -> None:
     try:
         import matplotlib
     except ImportError:
@@ -169,16 +233,20 @@ def draw(results: list[Result], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for r in results:
         seconds, _, values = zip(*r.points)
-        ax.plot(seconds, values, marker="o", markersize=3, label=f"{Path(r.recipe).stem} (test {r.test_loss:.3f})")
+        name = f"two {Path(r.recipe).stem}, averaged" if r.extra else Path(r.recipe).stem
+        ax.plot(seconds, values, marker="*" if r.extra else "o", markersize=9 if r.extra else 3,
+                label=f"{name} (test {r.test_loss:.3f})")
+    label, seconds, value = reference
+    ax.plot([seconds], [value], marker="X", markersize=9, color="black", linestyle="none", label=f"{label}: {value}")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    for budget in (45, 600):
+    for budget in (30, 600):
         ax.axvline(budget, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("seconds since the start of fit (log scale; dotted: 45 s and 10 minutes)")
+    ax.set_xlabel("seconds since the start of fit (log scale; dotted: 30 s and 10 minutes)")
     ax.set_ylabel("validation NLL per character (nats)")
     ax.set_title("Time to quality: microgpt's recipes on a held-out split of names.txt")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -191,6 +259,10 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=15, help="validations per recipe, about")
     parser.add_argument("--test_size", type=int, default=1000, help="test names drawn from names.txt")
     parser.add_argument("--split_seed", type=int, default=7919, help="seed of the draw of the test names")
+    parser.add_argument("--pairs", nargs="*", default=None,
+                        help="recipes also fitted twice at once and averaged (default: the shipped names-best)")
+    parser.add_argument("--reference", default=REFERENCE,
+                        help="LABEL:SECONDS:NLL, a point the picture marks for comparison (default: makemore's)")
     parser.add_argument("--max_steps_scale", type=float, default=1.0,
                         help="run this fraction of each recipe's steps (a quick check of the script, not a result)")
     args = parser.parse_args()
@@ -203,15 +275,19 @@ def main() -> None:
     train, test = split_names(BUNDLED_NAMES, out / "split", args.test_size, args.split_seed)
     for names in (train, test):  # encoded before any clock starts, so that no recipe pays for it
         ensure_store(names, store_path(names, default_cache_dir()))
+    label, seconds, value = args.reference.rsplit(":", 2)
+    reference = (label, float(seconds), float(value))
+    pairs = PAIRS if args.pairs is None else args.pairs
     results = [run_recipe(recipe, train, test, out, args.points, args.max_steps_scale) for recipe in recipes]
+    results += [run_pair(recipe, train, test, out, args.max_steps_scale) for recipe in pairs]
     docs.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "benchmarks/time_to_quality.py", *sys.argv[1:]])
     split = (f"The {args.test_size:,} test names are drawn from the bundled `names.txt` with "
              f"`random.Random({args.split_seed}).sample`; `train.txt` is the rest.")
-    write_table(results, docs / "time-to-quality.md", command, split)
-    draw(results, docs / "time-to-quality.png")
+    write_table(results, docs / "time-to-quality.md", command, split, reference)
+    draw(results, docs / "time-to-quality.png", reference)
     for r in results:
-        print(f"time_to_quality: {r.recipe}: {r.fit_seconds:.1f} s, val/loss {r.points[-1][2]:.4f}, "
+        print(f"time_to_quality: {r.name}: {r.fit_seconds:.1f} s, val/loss {r.points[-1][2]:.4f}, "
               f"test/loss {r.test_loss:.4f}")
     print(f"time_to_quality: wrote {docs / 'time-to-quality.md'} and {docs / 'time-to-quality.png'}")
 
