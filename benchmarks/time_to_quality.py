@@ -237,7 +237,7 @@ def draw(results: list[Result], path: Path, reference: tuple) -> None:
         ax.plot(seconds, values, marker="*" if r.extra else "o", markersize=9 if r.extra else 3,
                 label=f"{name} (test {r.test_loss:.3f})")
     label, seconds, value = reference
-    ax.plot([seconds], [value], marker="X", markersize=9, color="black", linestyle="none", label=f"{label}: {value}")
+    ax.plot([seconds], [value], marker="X", markersize=9, color="black", linestyle="none", label=f"{label}: test {value}")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     for budget in (30, 600):

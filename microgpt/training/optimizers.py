@@ -60,16 +60,18 @@ class MuonWithAdamW(torch.optim.Optimizer):
         muon_lr: Muon's peak learning rate (scaled by sqrt(rows / columns) for matrices taller than wide).
         muon_momentum: Muon's momentum (Nesterov), in [0, 1).
         muon_weight_decay: Muon's decoupled weight decay.
+        muon_ns_steps: Newton–Schulz iterations that orthogonalise each update (fewer are cheaper and rougher).
         muon_params: Regular expression matched against the start of a parameter's name: Muon steps the 2-D
             parameters that match.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, muon_lr: float = 0.02, muon_momentum: float = 0.95,
-                 muon_weight_decay: float = 0.0, muon_params: str = r"blocks\."):
+                 muon_weight_decay: float = 0.0, muon_ns_steps: int = 5, muon_params: str = r"blocks\."):
         for name, value, ok, words in (("muon_lr", muon_lr, muon_lr > 0, "positive"),
                                        ("muon_momentum", muon_momentum, 0 <= muon_momentum < 1, "in [0, 1)"),
-                                       ("muon_weight_decay", muon_weight_decay, muon_weight_decay >= 0, "zero or more")):
+                                       ("muon_weight_decay", muon_weight_decay, muon_weight_decay >= 0, "zero or more"),
+                                       ("muon_ns_steps", muon_ns_steps, muon_ns_steps >= 1, "a positive integer")):
             if not ok:
                 raise UserError(f"{name} must be {words}, got {value}.")
         muon_type = getattr(torch.optim, "Muon", None)
@@ -85,7 +87,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         for group, name in zip(adamw_groups, ("adamw", "adamw-no_decay")):
             group.setdefault("name", name)
         self.muon = muon_type([{"params": matrices, "name": "muon"}], lr=muon_lr, momentum=muon_momentum,
-                              weight_decay=muon_weight_decay, nesterov=True)
+                              weight_decay=muon_weight_decay, nesterov=True, ns_steps=muon_ns_steps)
         self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__([*self.muon.param_groups, *self.adamw.param_groups], {})
         self.share_groups_and_state()
