@@ -83,6 +83,7 @@ def test_out_of_range_model_settings_through_the_api(setting, message):
     (lambda groups: MuonWithAdamW(groups, muon_lr=0.0), "muon_lr must be positive, got 0.0."),
     (lambda groups: MuonWithAdamW(groups, muon_momentum=1.0), "muon_momentum must be in [0, 1), got 1.0."),
     (lambda groups: MuonWithAdamW(groups, muon_weight_decay=-0.1), "muon_weight_decay must be zero or more, got -0.1."),
+    (lambda groups: MuonWithAdamW(groups, muon_ns_steps=0), "muon_ns_steps must be a positive integer, got 0."),
 ])
 def test_out_of_range_optimizer_settings_through_the_api(make, message):
     with pytest.raises(UserError) as error:

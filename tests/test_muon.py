@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from conftest import error_line
 
@@ -15,15 +16,15 @@ MUON_LR, MOMENTUM, MUON_DECAY, LR, DECAY = 0.05, 0.9, 2.0, 0.01, 0.5
 STEPS = 3
 
 
-def newton_schulz(g: torch.Tensor) -> torch.Tensor:
+def newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
     """The quintic Newton–Schulz iteration torch documents for Muon, in float64: scale to unit Frobenius norm
-    (at least 1e-7; on the wide orientation), then five times X <- aX + (bA + cA^2)X with A = XX^T."""
+    (at least 1e-7; on the wide orientation), then ``steps`` times X <- aX + (bA + cA^2)X with A = XX^T."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.double()
     tall = x.size(0) > x.size(1)
     x = x.T if tall else x
     x = x / x.norm().clamp(min=1e-7)
-    for _ in range(5):
+    for _ in range(steps):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if tall else x
@@ -48,7 +49,8 @@ class Record(L.Callback):
         self.after.append({n: p.detach().clone() for n, p in pl_module.gpt.named_parameters()})
 
 
-def test_muon_steps_match_newton_schulz_on_nesterov_momentum(tiny_names, tmp_path):
+@pytest.mark.parametrize("ns_steps", [5, 3])
+def test_muon_steps_match_newton_schulz_on_nesterov_momentum(tiny_names, tmp_path, ns_steps):
     """Two steps of a real fit: every block matrix moves by the documented Muon update (Nesterov momentum,
     Newton–Schulz, lr scaled by sqrt(max(1, rows/cols)), decoupled decay, the cosine schedule), computed
     here from the recorded gradients; the embeddings and the head take AdamW's first step."""
@@ -56,7 +58,8 @@ def test_muon_steps_match_newton_schulz_on_nesterov_momentum(tiny_names, tmp_pat
                 "--data.batch_size", "4", "--model.n_embd", "16", "--model.optimizer", "microgpt.training.optimizers.MuonWithAdamW",
                 "--model.optimizer.muon_lr", str(MUON_LR), "--model.optimizer.muon_momentum", str(MOMENTUM),
                 "--model.optimizer.muon_weight_decay", str(MUON_DECAY), "--model.optimizer.lr", str(LR),
-                "--model.optimizer.weight_decay", str(DECAY), "--trainer.max_steps", str(STEPS),
+                "--model.optimizer.weight_decay", str(DECAY), "--model.optimizer.muon_ns_steps", str(ns_steps),
+                "--trainer.max_steps", str(STEPS),
                 "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.callbacks", "[]",
                 "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
                 "--trainer.default_root_dir", str(tmp_path)], run=False)
@@ -73,7 +76,7 @@ def test_muon_steps_match_newton_schulz_on_nesterov_momentum(tiny_names, tmp_pat
             lr = MUON_LR * 0.5 * (1 + math.cos(math.pi * step / STEPS))  # cosine, no warmup, to 0
             grad = record.grads[step][name].double()
             buffer = MOMENTUM * buffer + grad
-            orthogonal = newton_schulz(grad + MOMENTUM * buffer)
+            orthogonal = newton_schulz(grad + MOMENTUM * buffer, ns_steps)
             rows, cols = grad.shape
             before = record.before[step][name].double()
             expected = before * lr * MUON_DECAY + lr * math.sqrt(max(1, rows / cols)) * orthogonal
