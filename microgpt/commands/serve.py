@@ -80,7 +80,9 @@ def build_server(ckpt_path: str, device: str, api_key: str | None, max_batch_siz
     gpt, tokenizer = load_model(ckpt_path)
     knows_names = KnownNames.from_file(ckpt_path) is not None
     args = (ckpt_path, api_key, max_batch_size, batch_timeout)
-    apis = [PredictAPI(*args, "/predict", cancel_dir), ScoreAPI(*args, "/score"),
+    # /score unbatched: one request already scores its names in one pass, and LitServe's unbatched loop waits on
+    # its queue where the batched one polls it every millisecond, about a fifth of a core for an idle endpoint
+    apis = [PredictAPI(*args, "/predict", cancel_dir), ScoreAPI(ckpt_path, api_key, 1, 0.0, "/score"),
             CompletionAPI(*args, "/v1/completions", cancel_dir)]
     for api in apis:
         api.processes = len(apis) * workers_per_device

@@ -214,16 +214,18 @@ class Answer:
         none): a request's answer ends as soon as its own names have, whatever else its batch still draws."""
         if isinstance(self.decoded, Invalid) or self.finished:
             return ""
-        pieces, end = [], None
+        pieces, end, kept = [], None, 0
         for item in news:
             if isinstance(item, End):
                 end = item
                 break
             index, name, logprob = item
             self.names[index] = name, logprob
-            self.api.metrics.NAMES.labels(self.api.api_path, "200").inc()
+            kept += 1
             if self.decoded.stream:
                 pieces.append(self.line(index, name, logprob))
+        if kept:
+            self.api.metrics.NAMES.labels(self.api.api_path, "200").inc(kept)
         o = self.decoded.options
         self.finished = end is not None or len(self.names) == (o.count if o.likeliest is None else o.likeliest)
         if self.finished:
