@@ -104,9 +104,10 @@ class CheckpointAPI(ls.LitAPI):
         return None if seed is None else torch.Generator(self.gpt.lm_head.weight.device).manual_seed(seed)
 
 
-def rows(batch):
-    """LitServe hands ``predict`` a list with batching and a single request without."""
-    return (batch, True) if isinstance(batch, list) else ([batch], False)
+def rows(api: ls.LitAPI, batch):
+    """The requests LitServe hands ``predict``, and whether it batched them: a list with ``max_batch_size`` above
+    1 (LitServe's batched loops), a single request without."""
+    return (batch, True) if api.max_batch_size > 1 else ([batch], False)
 
 
 @dataclass
@@ -137,7 +138,7 @@ class DrawingAPI(CheckpointAPI):
         return {j for j, d in enumerate(draws) if d.id in gone} if gone else set()
 
     def predict(self, batch):
-        decoded, batched = rows(batch)
+        decoded, batched = rows(self, batch)
         self.metrics.BATCH.labels(self.api_path).observe(len(decoded))
         at = [k for k, d in enumerate(decoded) if isinstance(d, Draw)]  # the batch position of each draw
         draws = [decoded[k] for k in at]
@@ -172,9 +173,8 @@ class DrawingAPI(CheckpointAPI):
         yield flush()
 
     def encode_response(self, outputs):
-        answers = None
+        answers, batched = None, self.max_batch_size > 1
         for items in outputs:
-            batched = isinstance(items, list)
             items = items if batched else [items]
             if answers is None:  # a request's first items start with how it was decoded
                 answers = [self.answer(news[0]) for news in items]
@@ -291,7 +291,7 @@ class ScoreAPI(CheckpointAPI):
         return request.names
 
     def predict(self, batch):
-        decoded, batched = rows(batch)
+        decoded, batched = rows(self, batch)
         self.metrics.BATCH.labels(self.api_path).observe(len(decoded))
         names = [name for d in decoded if not isinstance(d, Invalid) for name in d]
         scores = iter(score_names(self.gpt, self.tokenizer, names) if names else [])
