@@ -1,5 +1,6 @@
 """``microgpt serve``: the real server as a subprocess on a free port, spoken to over HTTP."""
 
+import json
 import os
 import random
 import signal
@@ -217,6 +218,10 @@ api = PredictAPI({str(models['names'])!r}, None, 4, 0.0, "/predict")
 api.setup("cpu")
 lines = "".join(p[0] for p in api.encode_response(api.predict([api.decode_request(PredictBody(count=3, prefix="a"))])))
 print("".join(json.loads(line)["data"] for line in lines.splitlines()[1:]))  # after the head line, the framed body
+alone = PredictAPI({str(models['names'])!r}, None, 1, 0.0, "/predict")  # unbatched: LitServe hands over one request
+alone.setup("cpu")
+lines = "".join(alone.encode_response(alone.predict(alone.decode_request(PredictBody(count=3, prefix="a")))))
+print("".join(json.loads(line)["data"] for line in lines.splitlines()[1:]))
 score = ScoreAPI({str(models['names'])!r}, None, 1, 0.0, "/score")
 score.setup("cpu")
 print(score.encode_response(score.predict(score.decode_request(ScoreBody(names=["emma"])))))
@@ -226,7 +231,8 @@ print(sorted(m for m in sys.modules if m.split(".")[0] == "lightning" or m.start
                             env=serve_env(), timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[0].startswith('{"names": ["a') and lines[1].startswith("{'nll': [")
+    assert lines[0].startswith('{"names": ["a') and lines[1].startswith('{"names": ["a')
+    assert len(json.loads(lines[1])["names"]) == 3 and lines[2].startswith("{'nll': [")
     assert lines[-1] == "[]"
 
 
