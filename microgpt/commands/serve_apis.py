@@ -160,16 +160,15 @@ class DrawingAPI(CheckpointAPI):
                 news[at[j]].append((index, name, logprob))
             if any(at[j] in streamed for j, *_ in kept):
                 yield flush()
-        for d in draws:
-            if cancelled:
+        if cancelled:
+            for d in draws:
                 try:
                     os.remove(os.path.join(self.cancel_dir, d.id))
                 except FileNotFoundError:
                     pass
+        shortfalls = {k: result.shortfall for k, result in zip(at, names.results) if result is not None}
         for k, items in enumerate(news):
-            items.append(End())
-        for k, result in zip(at, names.results):
-            news[k][-1] = End(result.shortfall if result is not None else None)
+            items.append(End(shortfalls.get(k)))
         yield flush()
 
     def encode_response(self, outputs):
