@@ -1,7 +1,7 @@
 """Names from a model with the options people draw them with: a length range, only new names, no repeats, the
 likeliest names, and each name's log-probability. The settings are checked here, once, for ``sample``,
 ``predict``, the sampling callback, ``serve`` and the Python API, and every draw goes through
-``microgpt.model.sampling``. Torch only.
+``microgpt.model.sampling``. ``score_names`` scores names as ``test`` does. Torch only.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def sample_names(gpt: GPT | Ensemble, tokenizer: CharTokenizer, num_samples: int
                  top_p: float | None = None) -> list[str]:
     """``num_samples`` names starting with ``prefix``, drawn in parallel (``gpt`` in eval mode for the draw);
     ``top_p`` keeps only the smallest set of likeliest characters whose probability reaches it. For lengths,
-    new names, no repeats, the likeliest names and log-probabilities, see ``microgpt.model.names.invent``."""
+    new names, no repeats, the likeliest names and log-probabilities, see ``invent``."""
     return invent(gpt, tokenizer, NameOptions(num_samples, prefix, temperature, top_k, top_p), generator).names
 
 
