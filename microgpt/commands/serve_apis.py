@@ -100,14 +100,13 @@ class CheckpointAPI(ls.LitAPI):
                            openai)
         return None
 
+    @property
+    def batched(self) -> bool:
+        """Whether LitServe hands ``predict`` a list of requests (its batched loops) rather than one request."""
+        return self.max_batch_size > 1
+
     def generator(self, seed: int | None) -> torch.Generator | None:
         return None if seed is None else torch.Generator(self.gpt.lm_head.weight.device).manual_seed(seed)
-
-
-def rows(api: ls.LitAPI, batch):
-    """The requests LitServe hands ``predict``, and whether it batched them: a list with ``max_batch_size`` above
-    1 (LitServe's batched loops), a single request without."""
-    return (batch, True) if api.max_batch_size > 1 else ([batch], False)
 
 
 @dataclass
@@ -138,7 +137,7 @@ class DrawingAPI(CheckpointAPI):
         return {j for j, d in enumerate(draws) if d.id in gone} if gone else set()
 
     def predict(self, batch):
-        decoded, batched = rows(self, batch)
+        decoded = batch if self.batched else [batch]
         self.metrics.BATCH.labels(self.api_path).observe(len(decoded))
         at = [k for k, d in enumerate(decoded) if isinstance(d, Draw)]  # the batch position of each draw
         draws = [decoded[k] for k in at]
@@ -149,7 +148,7 @@ class DrawingAPI(CheckpointAPI):
             out = [tuple(items) for items in news]
             for items in news:
                 items.clear()
-            return out if batched else out[0]
+            return out if self.batched else out[0]
 
         if streamed:  # heads first, so that a streamed request's client can go before its first name
             yield flush()
@@ -172,13 +171,13 @@ class DrawingAPI(CheckpointAPI):
         yield flush()
 
     def encode_response(self, outputs):
-        answers, batched = None, self.max_batch_size > 1
+        answers = None
         for items in outputs:
-            items = items if batched else [items]
+            items = items if self.batched else [items]
             if answers is None:  # a request's first items start with how it was decoded
                 answers = [self.answer(news[0]) for news in items]
             messages = [a.message(news) for a, news in zip(answers, items)]
-            yield messages if batched else messages[0]
+            yield messages if self.batched else messages[0]
 
     def answer(self, decoded: Draw | Invalid) -> "Answer":
         raise NotImplementedError
@@ -290,12 +289,12 @@ class ScoreAPI(CheckpointAPI):
         return request.names
 
     def predict(self, batch):
-        decoded, batched = rows(self, batch)
+        decoded = batch if self.batched else [batch]
         self.metrics.BATCH.labels(self.api_path).observe(len(decoded))
         names = [name for d in decoded if not isinstance(d, Invalid) for name in d]
         scores = iter(score_names(self.gpt, self.tokenizer, names) if names else [])
         out = [d if isinstance(d, Invalid) else [next(scores) for _ in d] for d in decoded]
-        return out if batched else out[0]
+        return out if self.batched else out[0]
 
     def encode_response(self, output: list[float] | Invalid):
         if isinstance(output, Invalid):
